@@ -43,8 +43,8 @@ __all__ = [
 
 SOLVERS = ("bisection", "newton")
 _DEFAULT_MAX_ITERS = {"bisection": 64, "newton": 64}
-# Below this max of beta r_c, D uses the cancellation-free series form (no overflow: e^20 ~ 5e8).
-_EXPM1_SHIFT_THRESHOLD = 20.0
+# Up to this max of beta r_c, D uses the cancellation-free series form (no overflow: e^20 ~ 5e8).
+_SERIES_MAX_X = 20.0
 
 
 class BlendResult(NamedTuple):
@@ -77,6 +77,7 @@ class _RowStats(NamedTuple):
     var_s: jax.Array  # [...] Var_{pi_S|I}(r) = E_s[r_c^2]
     m1: jax.Array  # [...] E_s[r_c] as computed (0 up to rounding)
     m3: jax.Array  # [...] E_s[r_c^3]
+    s_rel: jax.Array  # [..., V] raw student logits minus their max over I, 0 off I
 
 
 def _masked_lse(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -131,8 +132,10 @@ def _row_stats(student_logits: jax.Array, teacher_logits: jax.Array) -> _RowStat
     var_s = jnp.sum(w_rc * rc, axis=-1)
     m1 = jnp.sum(w_rc, axis=-1)
     m3 = jnp.sum(w_rc * rc * rc, axis=-1)
+    s_max_in = jnp.max(jnp.where(in_i, s32, -jnp.inf), axis=-1, keepdims=True)
+    s_rel = jnp.where(in_i, s32 - jnp.where(jnp.isfinite(s_max_in), s_max_in, 0.0), 0.0)
     return _RowStats(log_s, log_t, in_i, log_w, w_in, rc, log_mass_in, has_overlap, t_in_s, var_s,
-                     m1, m3)
+                     m1, m3, s_rel)
 
 
 def _expm1_minus_x(x: jax.Array) -> jax.Array:
@@ -147,44 +150,80 @@ class _Moments(NamedTuple):
     var_mu: jax.Array  # Var_{mu_beta}(r)
 
 
-def _moments(st: _RowStats, beta: jax.Array) -> _Moments:
-    """D(beta) and Var_mu(r) for beta in (0, 1] on I (beta = 1 is valid only when I = supp pi_T).
+def _log1p_sum_exp(d: jax.Array, mask: jax.Array) -> jax.Array:
+    """log(1 + sum_{mask} e^d) over the last axis, to relative precision when the sum is small."""
+    d_m = jnp.where(mask, d, -jnp.inf)
+    m = jnp.maximum(jnp.max(d_m, axis=-1), 0.0)
+    total = jnp.sum(jnp.exp(d_m - m[..., None]), axis=-1)
+    return jnp.where(m > 0, m + jnp.log(jnp.exp(-m) + total), jnp.log1p(total))
 
-    E_s is the expectation under pi_S conditioned on I, x = beta r_c, h(x) = e^x - 1 - x.
-    Small x (the usual case), with m1 = E_s[r_c] ~ 0 and V = E_s[r_c^2]:
-      A = E_s[e^x] - 1      = beta m1 + E_s[h],
-      B = E_s[e^x r_c]      = m1 + beta V + E_s[h r_c],
-      C = E_s[e^x r_c^2]    = V + beta E_s[r_c^3] + E_s[h r_c^2],
+
+def _moments_series(st: _RowStats, beta: jax.Array) -> _Moments:
+    """Small x = beta r_c (max x <= 20): series form, precise for tiny budgets.
+
+    E_s is the expectation under pi_S conditioned on I and h(x) = e^x - 1 - x. With
+    m1 = E_s[r_c] ~ 0 and V = E_s[r_c^2]:
+      A = E_s[e^x] - 1   = beta m1 + E_s[h],
+      B = E_s[e^x r_c]   = m1 + beta V + E_s[h r_c],
+      C = E_s[e^x r_c^2] = V + beta E_s[r_c^3] + E_s[h r_c^2],
       D = beta B / (1 + A) - log1p(A) - log pi_S(I).
-    The first-order terms beta m1 cancel exactly and h is computed without cancellation, so
-    D ~ beta^2 V / 2 keeps float32 relative precision even for tiny budgets.
-    Large x (max x > 20): the plain stabilised log-space form, g = exp(log w + x - m); D is then
-    far from the rounding floor the small form avoids. (In the small form a weight that
-    underflows contributes < e^(-103 + 20), which is negligible.)
+    The first-order terms beta m1 cancel exactly and h has no cancellation, so D ~ beta^2 V / 2
+    keeps float32 relative precision. (A weight that underflows contributes < e^(-103 + 20).)
+    """
+    x = beta[..., None] * st.rc
+    wh = st.w_in * _expm1_minus_x(x)
+    a = beta * st.m1 + jnp.sum(wh, axis=-1)
+    e_rc = st.m1 + beta * st.var_s + jnp.sum(wh * st.rc, axis=-1)
+    e_rc2 = st.var_s + beta * st.m3 + jnp.sum(wh * st.rc * st.rc, axis=-1)
+    z = jnp.maximum(1.0 + a, jnp.finfo(jnp.float32).tiny)
+    mean_mu = e_rc / z
+    var_mu = jnp.maximum(e_rc2 / z - mean_mu * mean_mu, 0.0)
+    d = beta * mean_mu - jnp.log1p(a) - st.log_mass_in
+    return _Moments(d=d, var_mu=var_mu)
+
+
+def _moments_pivot(st: _RowStats, beta: jax.Array) -> _Moments:
+    r"""Any x, relative to the pivot token * = argmax of log mu_beta: precise when mu_beta and
+    pi_S concentrate on few tokens (large logits), where log-sum-exp forms lose D in rounding.
+
+    With ds = s - s_*, dx = x - x_*, dv = ds + dx over I \ {*}:
+      P = sum e^dv,  Q = sum e^ds,  mu_a = e^dv_a / (1 + P),
+      D = E_mu[dx] - log1p(P) + log1p(Q) - log pi_S(I).
     """
     b = beta[..., None]
     x = b * st.rc
-    x_max = jnp.max(jnp.where(st.in_i, x, -jnp.inf), axis=-1)
-    big = x_max > _EXPM1_SHIFT_THRESHOLD
-    lx = jnp.where(st.in_i, st.log_w + x, -jnp.inf)
-    m = jnp.max(lx, axis=-1)
-    m = jnp.where(big & jnp.isfinite(m), m, 0.0)
-    g = jnp.where(big[..., None], jnp.exp(lx - m[..., None]), st.w_in * _expm1_minus_x(x))
-    sum_g = jnp.sum(g, axis=-1)
-    sum_g_rc = jnp.sum(g * st.rc, axis=-1)
-    sum_g_rc2 = jnp.sum(g * st.rc * st.rc, axis=-1)
-    a = jnp.where(big, sum_g - 1.0, beta * st.m1 + sum_g)  # E_s[e^x] - 1 (big: scaled by e^-m)
-    e_rc = jnp.where(big, sum_g_rc, st.m1 + beta * st.var_s + sum_g_rc)
-    e_rc2 = jnp.where(big, sum_g_rc2, st.var_s + beta * st.m3 + sum_g_rc2)
-    z = 1.0 + a
-    log_z = jnp.where(big, m + jnp.log(jnp.where(big, sum_g, 1.0)), jnp.log1p(a))
-    safe_z = jnp.where(z > 0, z, 1.0)
-    mean_mu = e_rc / safe_z
-    var_mu = jnp.maximum(e_rc2 / safe_z - mean_mu * mean_mu, 0.0)
-    d = beta * mean_mu - log_z - st.log_mass_in
-    d = jnp.maximum(d, 0.0)  # D >= 0; clamps rounding below zero at tiny beta
-    d = jnp.where(st.has_overlap, d, jnp.inf)
-    return _Moments(d=d, var_mu=jnp.where(st.has_overlap, var_mu, 0.0))
+    v = jnp.where(st.in_i, st.s_rel + x, -jnp.inf)
+    star = jnp.argmax(v, axis=-1)[..., None]
+    not_star = st.in_i & (jnp.arange(v.shape[-1]) != star)
+    ds = jnp.where(not_star, st.s_rel - jnp.take_along_axis(st.s_rel, star, axis=-1), 0.0)
+    drc = jnp.where(not_star, st.rc - jnp.take_along_axis(st.rc, star, axis=-1), 0.0)
+    dx = b * drc
+    dv = ds + dx
+    log1p_p = _log1p_sum_exp(dv, not_star)
+    log1p_q = _log1p_sum_exp(ds, not_star)
+    mu = jnp.where(not_star, jnp.exp(jnp.where(not_star, dv, 0.0) - log1p_p[..., None]), 0.0)
+    e_drc = jnp.sum(mu * drc, axis=-1)
+    var_mu = jnp.maximum(jnp.sum(mu * drc * drc, axis=-1) - e_drc * e_drc, 0.0)
+    d = beta * e_drc - log1p_p + log1p_q - st.log_mass_in
+    return _Moments(d=d, var_mu=var_mu)
+
+
+def _moments(st: _RowStats, beta: jax.Array) -> _Moments:
+    """D(beta) and Var_mu(r) for beta in (0, 1] on I (beta = 1 is valid only when I = supp pi_T).
+
+    Rows with max beta r_c <= 20 use the series form; the others the pivot form, which is only
+    computed when some row needs it.
+    """
+    x_max = jnp.max(jnp.where(st.in_i, beta[..., None] * st.rc, -jnp.inf), axis=-1)
+    big = x_max > _SERIES_MAX_X
+    series = _moments_series(st, beta)
+    out = jax.lax.cond(
+        jnp.any(big),
+        lambda: jax.tree.map(lambda p, q: jnp.where(big, p, q), _moments_pivot(st, beta), series),
+        lambda: series,
+    )
+    d = jnp.where(st.has_overlap, jnp.maximum(out.d, 0.0), jnp.inf)  # D >= 0 up to rounding
+    return _Moments(d=d, var_mu=jnp.where(st.has_overlap, out.var_mu, 0.0))
 
 
 def _kl_at(st: _RowStats, beta: jax.Array) -> jax.Array:
