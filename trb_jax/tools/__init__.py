@@ -1,0 +1,1 @@
+"""Command-line tools (`python -m trb_jax.tools.<name>`)."""
