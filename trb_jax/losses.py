@@ -43,7 +43,7 @@ def _log_softmax32(logits: jax.Array) -> jax.Array:
 def kl_from_log_probs(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
     """KL(p || q) over the last axis from normalised log-probs; +inf if p puts mass where q = 0."""
     p = jnp.exp(log_p)
-    in_p = p > 0
+    in_p = log_p > -jnp.inf  # support from log-probs: a probability that underflows still counts
     diff = jnp.where(in_p, log_p - jnp.where(in_p, log_q, 0.0), 0.0)
     finite = jnp.sum(jnp.where(in_p, p * jnp.where(jnp.isfinite(diff), diff, 0.0), 0.0), axis=-1)
     escapes = jnp.any(in_p & (log_q == -jnp.inf), axis=-1)

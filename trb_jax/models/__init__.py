@@ -1,0 +1,1 @@
+"""Model definitions (Qwen3) and their Hugging Face checkpoint mapping."""
