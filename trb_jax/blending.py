@@ -243,82 +243,108 @@ def _log_mu(st: _RowStats, beta: jax.Array) -> jax.Array:
     return jnp.where(b <= 0, st.log_s, jnp.where(b >= 1, st.log_t, interior))
 
 
+def _kl_rough(st: _RowStats) -> tuple[jax.Array, jax.Array]:
+    """KL(pi_T || pi_S) as a plain sum over log-probs (+inf when supp pi_T ⊄ supp pi_S), and a
+    bound on its float32 error (log-probs round at their own magnitude)."""
+    p_t = jnp.where(st.in_i, jnp.exp(st.log_t), 0.0)
+    log_s = jnp.where(st.in_i, st.log_s, 0.0)
+    log_t = jnp.where(st.in_i, st.log_t, 0.0)
+    kl = jnp.sum(p_t * (log_t - log_s), axis=-1)
+    err = 1e-4 + 1e-5 * jnp.sum(p_t * (jnp.abs(log_t) + jnp.abs(log_s)), axis=-1)
+    return jnp.where(st.t_in_s & st.has_overlap, kl, jnp.inf), err
+
+
 class _SolveState(NamedTuple):
     lo: jax.Array  # [...] largest beta known feasible
     hi: jax.Array  # [...] smallest beta known infeasible (or 1)
-    x: jax.Array  # [...] next point to evaluate (Newton); unused by bisection
+    d_lo: jax.Array  # [...] D(lo), so the result needs no extra evaluation
+    x: jax.Array  # [...] next point to evaluate (Newton); last midpoint (bisection)
     iters: jax.Array  # [...] int32 evaluations per row until its bracket closed
     step: jax.Array  # scalar int32 loop counter
 
 
-def _initial_bracket(st: _RowStats, eps: jax.Array):
+def _d_one(st: _RowStats, eps: jax.Array) -> jax.Array:
+    """D(1) = KL(pi_T || pi_S), evaluated precisely only where it could be within the budget.
+
+    The plain sum over log-probs is enough to rule beta = 1 out for most rows; the precise
+    evaluation (which may need the pivot form) runs only if some row is within its error bound.
+    """
+    rough, err = _kl_rough(st)
+    close = jnp.any(rough <= eps + err)
+    return jax.lax.cond(close, lambda: _kl_at(st, jnp.ones_like(eps)), lambda: rough)
+
+
+def _initial_state(st: _RowStats, eps: jax.Array, x0: jax.Array | None = None) -> _SolveState:
     """Rows decided without iterating: beta* = 1 if D(1) <= eps, beta* = 0 if eps <= D(0+)."""
-    d_one = _kl_at(st, jnp.ones_like(eps))
+    d_one = _d_one(st, eps)
     d_zero_plus = jnp.where(st.has_overlap, -st.log_mass_in, jnp.inf)
     take_one = d_one <= eps
     take_zero = (~take_one) & (eps <= d_zero_plus)
-    lo = jnp.where(take_one, 1.0, 0.0)
-    hi = jnp.where(take_zero, 0.0, 1.0)
-    return lo.astype(jnp.float32), hi.astype(jnp.float32)
+    lo = jnp.where(take_one, 1.0, 0.0).astype(jnp.float32)
+    hi = jnp.where(take_zero, 0.0, 1.0).astype(jnp.float32)
+    d_lo = jnp.where(take_one, d_one, 0.0).astype(jnp.float32)
+    x = lo if x0 is None else jnp.where((x0 > lo) & (x0 < hi), x0, 0.5 * (lo + hi))
+    return _SolveState(lo, hi, d_lo, x, jnp.zeros(lo.shape, jnp.int32), jnp.int32(0))
+
+
+def _open(s: _SolveState, tol) -> jax.Array:
+    return s.hi - s.lo > tol
 
 
 def _bisection(st: _RowStats, eps, tol, max_iters) -> _SolveState:
-    lo, hi = _initial_bracket(st, eps)
-    state = _SolveState(lo, hi, lo, jnp.zeros(lo.shape, jnp.int32), jnp.int32(0))
-
     def cond(s: _SolveState):
-        return (s.step < max_iters) & jnp.any(s.hi - s.lo > tol)
+        return (s.step < max_iters) & jnp.any(_open(s, tol))
 
     def body(s: _SolveState):
-        open_ = s.hi - s.lo > tol
+        open_ = _open(s, tol)
         mid = 0.5 * (s.lo + s.hi)
-        feasible = _kl_at(st, mid) <= eps
+        d = _kl_at(st, mid)
+        feasible = d <= eps
         lo = jnp.where(open_ & feasible, mid, s.lo)
+        d_lo = jnp.where(open_ & feasible, d, s.d_lo)
         hi = jnp.where(open_ & ~feasible, mid, s.hi)
-        return _SolveState(lo, hi, mid, s.iters + open_.astype(jnp.int32), s.step + 1)
+        return _SolveState(lo, hi, d_lo, mid, s.iters + open_.astype(jnp.int32), s.step + 1)
 
-    return jax.lax.while_loop(cond, body, state)
+    return jax.lax.while_loop(cond, body, _initial_state(st, eps))
 
 
 def _newton(st: _RowStats, eps, tol, max_iters) -> _SolveState:
     """Safeguarded Newton on D(beta) - eps, D'(beta) = beta Var_mu(r), inside the bracket.
 
-    Every evaluated point tightens the bracket [lo, hi]. A Newton point outside the open bracket
-    falls back to bisection. Once a Newton step is shorter than tol/4, the next probe sits tol/2
-    beyond the Newton point on the side that closes the bracket fastest, so the loop ends with
-    hi - lo <= tol and returns lo, which is always feasible.
+    Starts at sqrt(2 eps / Var_piS(r)). Every evaluated point tightens the bracket [lo, hi]. A
+    Newton point outside the open bracket falls back to bisection. Once a Newton step is shorter
+    than tol/4, the next probe sits tol/2 beyond the Newton point on the side that closes the
+    bracket fastest, so the loop ends with hi - lo <= tol and returns lo, which is feasible.
     """
-    lo, hi = _initial_bracket(st, eps)
-    var_s = jnp.maximum(st.var_s, 1e-30)
-    x0 = jnp.sqrt(2.0 * jnp.maximum(eps, 0.0) / var_s)
-    x0 = jnp.where((x0 > lo) & (x0 < hi), x0, 0.5 * (lo + hi))
-    state = _SolveState(lo, hi, x0, jnp.zeros(lo.shape, jnp.int32), jnp.int32(0))
+    x0 = jnp.sqrt(2.0 * jnp.maximum(eps, 0.0) / jnp.maximum(st.var_s, 1e-30))
 
     def cond(s: _SolveState):
-        return (s.step < max_iters) & jnp.any(s.hi - s.lo > tol)
+        return (s.step < max_iters) & jnp.any(_open(s, tol))
 
     def body(s: _SolveState):
-        open_ = s.hi - s.lo > tol
+        open_ = _open(s, tol)
         x = jnp.clip(s.x, s.lo, s.hi)
         mom = _moments(st, jnp.maximum(x, 1e-30))
         # At x = 1 the interior formula is D(1) only when supp pi_T ⊆ supp pi_S.
         d = jnp.where((x >= 1) & ~st.t_in_s, jnp.inf, mom.d)
         feasible = d <= eps
         lo = jnp.where(open_ & feasible, x, s.lo)
+        d_lo = jnp.where(open_ & feasible, d, s.d_lo)
         hi = jnp.where(open_ & ~feasible, x, s.hi)
 
         slope = x * mom.var_mu
         ok_slope = (slope > 0) & jnp.isfinite(d)
         newton = x - (d - eps) / jnp.where(ok_slope, slope, 1.0)
         inside = ok_slope & (newton > lo) & (newton < hi)
-        small = jnp.abs(newton - x) < 0.25 * tol
-        # Probe just past the converged root, on the side whose bracket end is farther away.
+        # A converged step (also one that lands exactly on lo, i.e. D(x) == eps) probes just
+        # past the root on the side whose bracket end is farther away, to close the bracket.
+        small = ok_slope & (jnp.abs(newton - x) < 0.25 * tol)
         probe = jnp.where(newton - lo > hi - newton, newton - 0.5 * tol, newton + 0.5 * tol)
-        probe = jnp.clip(probe, lo, hi)
-        nxt = jnp.where(inside, jnp.where(small, probe, newton), 0.5 * (lo + hi))
-        return _SolveState(lo, hi, nxt, s.iters + open_.astype(jnp.int32), s.step + 1)
+        probe_ok = small & (probe > lo) & (probe < hi)
+        nxt = jnp.where(probe_ok, probe, jnp.where(inside & ~small, newton, 0.5 * (lo + hi)))
+        return _SolveState(lo, hi, d_lo, nxt, s.iters + open_.astype(jnp.int32), s.step + 1)
 
-    return jax.lax.while_loop(cond, body, state)
+    return jax.lax.while_loop(cond, body, _initial_state(st, eps, x0))
 
 
 def _validate(student_logits, teacher_logits, eps, solver, tol) -> None:
@@ -386,10 +412,7 @@ def _blend_impl(student_logits, teacher_logits, eps, solver, tol, max_iters) -> 
     eps_b = jnp.broadcast_to(eps.astype(jnp.float32), st.var_s.shape)
     run = _bisection if solver == "bisection" else _newton
     out = run(st, eps_b, tol, max_iters)
-    beta = out.lo
-    return BlendResult(
-        log_probs=_log_mu(st, beta), beta=beta, kl=_kl_at(st, beta), iters=out.iters
-    )
+    return BlendResult(log_probs=_log_mu(st, out.lo), beta=out.lo, kl=out.d_lo, iters=out.iters)
 
 
 def blend_log_probs(student_logits: jax.Array, teacher_logits: jax.Array,
