@@ -1,0 +1,376 @@
+"""The OPD train step (trb_jax.train_step): chunked loss vs full-logits references, modes, AdamW, sharding."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from trb_jax import losses
+from trb_jax import train_step as ts
+from trb_jax.blending import EosMap, merge_eos
+from trb_jax.models import qwen3
+
+V = 128
+STUDENT = qwen3.Qwen3Config(
+    vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+    intermediate_size=48, tie_word_embeddings=False, rope_theta=10_000.0,
+)  # fmt: skip
+TEACHER = qwen3.Qwen3Config(
+    vocab_size=V, hidden_size=48, num_layers=3, num_heads=4, num_kv_heads=1, head_dim=16,
+    intermediate_size=64, tie_word_embeddings=True, rope_theta=10_000.0,
+)  # fmt: skip
+EOS = EosMap.from_ids([3], [5, 7])  # student EOS 3, teacher EOS 5 and 7: the stop slot is 3
+B, P, PT, T, K = 4, 5, 8, 7, 16  # batch, student prompt width, teacher prompt width, response, top-k
+
+
+def random_params(config, seed):
+    """Random weights large enough that the top-k support and the KL are far from degenerate."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, s: jnp.asarray(rng.normal(1.0 if "norm" in jax.tree_util.keystr(path) else 0.0, 0.3, s), jnp.float32),
+        qwen3.param_shapes(config),
+        is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(i, int) for i in x),
+    )  # fmt: skip
+
+
+def make_batch(seed=0, b=B):
+    """Student [left-padded prompt (width P) | response (T)], the teacher's own prompt (width PT)
+    ending in the same response; response lengths vary and the stop is each model's EOS."""
+    rng = np.random.default_rng(seed)
+    resp = rng.integers(10, V, size=(b, T)).astype(np.int32)
+    lengths = rng.integers(1, T + 1, size=b)
+    lengths[0] = T
+    resp_mask = np.arange(T)[None] < lengths[:, None]
+    s_resp, t_resp = resp.copy(), resp.copy()
+    for row, n in enumerate(lengths):
+        if n < T:  # the row stopped: stop token, then masked filler
+            s_resp[row, n - 1 :] = 3
+            t_resp[row, n - 1 :] = 5
+
+    def prompt(width):
+        ids = rng.integers(10, V, size=(b, width)).astype(np.int32)
+        mask = np.ones((b, width), np.int32)
+        for row in range(b):
+            pad = rng.integers(0, width - 1)
+            ids[row, :pad], mask[row, :pad] = 0, 0
+        return ids, mask
+
+    sp, sm = prompt(P)
+    tp, tm = prompt(PT)
+    ones = np.ones((b, T), np.int32)
+    return ts.Batch(
+        input_ids_bs=jnp.asarray(np.concatenate([sp, s_resp], 1)),
+        attention_mask_bs=jnp.asarray(np.concatenate([sm, ones], 1)),
+        response_mask_bt=jnp.asarray(resp_mask),
+        teacher_input_ids_bs=jnp.asarray(np.concatenate([tp, t_resp], 1)),
+        teacher_attention_mask_bs=jnp.asarray(np.concatenate([tm, ones], 1)),
+    )
+
+
+def config(chunk_size=3, eos=EOS, **optim):
+    optim = ts.OptimConfig(**{"peak_lr": 1e-2, "decay_steps": 100, **optim})
+    return ts.TrainConfig(student=STUDENT, teacher=TEACHER, optim=optim, top_k=K,
+                          chunk_size=chunk_size, eos=eos)  # fmt: skip
+
+
+PARAMS_S = random_params(STUDENT, 1)
+PARAMS_T = random_params(TEACHER, 2)
+
+
+def full_logits(params, cfg, ids, mask):
+    """Unchunked [B, S, V] logits through the model's own forward, EOS merged."""
+    return merge_eos(qwen3.forward(params, cfg, ids, mask), EOS)
+
+
+def reference_per_token(params_s, batch, teacher_logits_bsv=None):
+    """Per-token top-k reverse KL [B, T] from full logits: response token j of an S-column row
+    is predicted at column S - T - 1 + j (the last prompt column predicts the first token)."""
+    s, st = batch.input_ids_bs.shape[1], batch.teacher_input_ids_bs.shape[1]
+    if teacher_logits_bsv is None:
+        teacher_logits_bsv = full_logits(PARAMS_T, TEACHER, batch.teacher_input_ids_bs, batch.teacher_attention_mask_bs)
+    student_logits_bsv = full_logits(params_s, STUDENT, batch.input_ids_bs, batch.attention_mask_bs)
+    return losses.topk_reverse_kl(
+        student_logits_bsv[:, s - T - 1 : s - 1], teacher_logits_bsv[:, st - T - 1 : st - 1], k=K
+    )
+
+
+def reference_loss(params_s, batch, teacher_logits_bsv=None):
+    return losses.masked_mean(reference_per_token(params_s, batch, teacher_logits_bsv), batch.response_mask_bt)
+
+
+def chunked_loss(params_s, batch, cfg):
+    """The step's loss through the chunked path (teacher forward when the batch needs it)."""
+    tx = ts.teacher_response_hidden(PARAMS_T, cfg, batch) if not batch.uses_stored_teacher else None
+    return ts.loss_fn(params_s, batch, tx, PARAMS_T, cfg)[0]
+
+
+def stored_batch(batch, params_s=PARAMS_S):
+    """The rollout's fields built by full forwards: student top-k ids, teacher log-probs there."""
+    s, st = batch.input_ids_bs.shape[1], batch.teacher_input_ids_bs.shape[1]
+    ls = full_logits(params_s, STUDENT, batch.input_ids_bs, batch.attention_mask_bs)[:, s - T - 1 : s - 1]
+    lt = full_logits(PARAMS_T, TEACHER, batch.teacher_input_ids_bs, batch.teacher_attention_mask_bs)[:, st - T - 1 : st - 1]
+    ids = losses.topk_support(ls, K)
+    lp_t = jnp.take_along_axis(jax.nn.log_softmax(lt, axis=-1), ids, axis=-1)
+    return batch.replace(topk_ids_btk=ids, topk_teacher_logprob_btk=lp_t,
+                         teacher_input_ids_bs=None, teacher_attention_mask_bs=None)  # fmt: skip
+
+
+def fresh_state(cfg, seed=0):
+    """A new state on a copy of PARAMS_S: a step donates (deletes) the state's buffers."""
+    return ts.init_train_state(jax.tree.map(jnp.copy, PARAMS_S), cfg, jax.random.key(seed))
+
+
+def assert_trees_close(got, want, tol=1e-5):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=tol, rtol=tol)
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def test_chunked_loss_and_grads_equal_full_logits_reference():
+    batch, cfg = make_batch(0), config(3)  # 3 does not divide T = 7: a padded, masked last chunk
+    want, want_g = jax.jit(jax.value_and_grad(reference_loss))(PARAMS_S, batch)
+    assert float(want) > 0.05  # a real, non-degenerate loss
+    grad_fn = jax.jit(jax.value_and_grad(chunked_loss), static_argnums=2)
+    got, got_g = grad_fn(PARAMS_S, batch, cfg)  # the stored mode: the next two tests
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert_trees_close(got_g, want_g)
+
+
+@pytest.mark.parametrize("mode", ["teacher", "stored"])
+def test_every_chunk_size_equals_unchunked_head_loss(mode):
+    """The LM head + loss alone (hidden states as input, grads w.r.t. them and the head)."""
+    rng = np.random.default_rng(8)
+    x_btd = jnp.asarray(rng.normal(size=(3, 11, 32)), jnp.float32)
+    xt_btd = jnp.asarray(rng.normal(size=(3, 11, 48)), jnp.float32)
+    mask_bt = jnp.asarray(rng.random((3, 11)) < 0.8)
+    head_s = {"final_norm_d": PARAMS_S["final_norm_d"], "lm_head_dv": PARAMS_S["lm_head_dv"]}
+    full_t = merge_eos(qwen3.unembed(PARAMS_T, TEACHER, xt_btd), EOS)
+    ids = losses.topk_support(merge_eos(qwen3.unembed(head_s, STUDENT, x_btd), EOS), K)
+    stored_lp = jnp.take_along_axis(jax.nn.log_softmax(full_t, axis=-1), ids, axis=-1)
+
+    def reference(head, x):
+        per = losses.topk_reverse_kl(merge_eos(qwen3.unembed(head, STUDENT, x), EOS), full_t, k=K)
+        return losses.masked_mean(per, mask_bt)
+
+    def chunked(head, x, chunk_size):
+        source = (dict(topk_ids_btk=ids, topk_teacher_logprob_btk=stored_lp) if mode == "stored" else
+                  dict(teacher_head=ts.qwen3_head(PARAMS_T, TEACHER), teacher_x_btd=xt_btd))  # fmt: skip
+        per, _ = ts.chunked_topk_kl(ts.qwen3_head(head, STUDENT), x, chunk_size=chunk_size, top_k=K, eos=EOS, **source)
+        return losses.masked_mean(per, mask_bt)
+
+    want, want_g = jax.value_and_grad(reference, argnums=(0, 1))(head_s, x_btd)
+    # 4 leaves a remainder of 11 (padded, masked); 64 > T.
+    for chunk_size in ((1, 4) if mode == "teacher" else (4, 64)):
+        got, got_g = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1)), static_argnums=2)(head_s, x_btd, chunk_size)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=str(chunk_size))
+        assert_trees_close(got_g, want_g)
+
+
+def test_shift_prediction_at_column_c_minus_1_scores_token_c():
+    """Independent of the slicing: the distribution of response token j is the last-column
+    output of a forward over exactly its prefix (left-padded to the same width)."""
+    batch = make_batch(1)
+    s, st = batch.input_ids_bs.shape[1], batch.teacher_input_ids_bs.shape[1]
+
+    def prefixes(ids, mask, width):
+        rows_i, rows_m = [], []
+        for j in range(T):
+            cut = width - T + j  # columns [0, cut) are the prefix of response token j
+            rows_i.append(jnp.pad(ids[:, :cut], ((0, 0), (width - cut, 0))))
+            rows_m.append(jnp.pad(mask[:, :cut], ((0, 0), (width - cut, 0))))
+        return jnp.stack(rows_i, 1).reshape(-1, width), jnp.stack(rows_m, 1).reshape(-1, width)
+
+    @jax.jit
+    def both(batch):
+        si, sm = prefixes(batch.input_ids_bs, batch.attention_mask_bs, s)
+        ti, tm = prefixes(batch.teacher_input_ids_bs, batch.teacher_attention_mask_bs, st)
+        last_s = full_logits(PARAMS_S, STUDENT, si, sm)[:, -1].reshape(B, T, V)
+        last_t = full_logits(PARAMS_T, TEACHER, ti, tm)[:, -1].reshape(B, T, V)
+        want_bt = losses.topk_reverse_kl(last_s, last_t, k=K)
+        x_btd = ts.response_hidden(ts.hidden_states(PARAMS_S, STUDENT, batch.input_ids_bs, batch.attention_mask_bs), T)
+        got_bt, _ = ts.chunked_topk_kl(
+            ts.qwen3_head(PARAMS_S, STUDENT), x_btd, chunk_size=4, top_k=K, eos=EOS,
+            teacher_head=ts.qwen3_head(PARAMS_T, TEACHER),
+            teacher_x_btd=ts.teacher_response_hidden(PARAMS_T, config(4), batch),
+        )  # fmt: skip
+        return want_bt, got_bt
+
+    want_bt, got_bt = both(batch)
+    np.testing.assert_allclose(got_bt, want_bt, rtol=1e-4, atol=1e-5)
+    # An off-by-one (predicting token j from its own column) gives visibly different numbers.
+    wrong_bt = jax.jit(reference_per_token)(PARAMS_S, batch.replace(
+        input_ids_bs=jnp.pad(batch.input_ids_bs[:, :-1], ((0, 0), (1, 0))),
+        attention_mask_bs=jnp.pad(batch.attention_mask_bs[:, :-1], ((0, 0), (1, 0)))))  # fmt: skip
+    assert np.abs(np.asarray(wrong_bt - want_bt)).max() > 1e-2
+
+
+def test_stored_mode_step_equals_teacher_mode_step():
+    batch, cfg = make_batch(2), config(3)
+    step = ts.jit_train_step(cfg)
+    state_b, m_b = step(fresh_state(cfg), batch, PARAMS_T)
+    state_a, m_a = step(fresh_state(cfg), stored_batch(batch))
+    for name in ("loss", "grad_norm", "student_topk_mass", "num_tokens", "learning_rate"):
+        np.testing.assert_allclose(m_a[name], m_b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    assert_trees_close(state_a.params, state_b.params)
+    assert float(m_a["num_tokens"]) == float(np.asarray(batch.response_mask_bt).sum())
+    assert step.jitted._cache_size() == 2  # one program per mode
+
+
+def test_only_response_tokens_count():
+    batch, cfg = make_batch(3), config(3)
+    loss = jax.jit(chunked_loss, static_argnums=2)
+    want = float(loss(PARAMS_S, batch, cfg))
+    # Teacher logits at prompt columns (everything before the column predicting token 0) replaced
+    # by noise: the full-logits reference built from them equals the step's loss.
+    st = batch.teacher_input_ids_bs.shape[1]
+    lt = full_logits(PARAMS_T, TEACHER, batch.teacher_input_ids_bs, batch.teacher_attention_mask_bs)
+    noisy = lt.at[:, : st - T - 1].set(jax.random.normal(jax.random.key(1), lt[:, : st - T - 1].shape) * 10)
+    np.testing.assert_allclose(jax.jit(reference_loss)(PARAMS_S, batch, noisy), want, rtol=1e-5)
+    # Stored teacher log-probs at masked response positions (after a stop) do not count either...
+    stored = stored_batch(batch)
+    masked = ~np.asarray(batch.response_mask_bt)
+    assert masked.any()
+    lp = np.asarray(stored.topk_teacher_logprob_btk).copy()
+    lp[masked] = -50.0 * np.arange(1, K + 1)
+    got = loss(PARAMS_S, stored.replace(topk_teacher_logprob_btk=jnp.asarray(lp)), cfg)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    # ...while one counted position does.
+    lp[0, 0] = -50.0 * np.arange(1, K + 1)
+    assert abs(float(loss(PARAMS_S, stored.replace(topk_teacher_logprob_btk=jnp.asarray(lp)), cfg)) - want) > 1e-3
+
+
+def test_teacher_gets_no_gradient():
+    batch, cfg = make_batch(4), config(3)
+
+    def loss_of_teacher(params_t):
+        tx = ts.teacher_response_hidden(params_t, cfg, batch)
+        return ts.loss_fn(PARAMS_S, batch, tx, params_t, cfg)[0]
+
+    grads = jax.grad(loss_of_teacher)(PARAMS_T)
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+
+
+def test_adamw_steps_change_params_and_decrease_loss_without_retracing():
+    batch, cfg = make_batch(5), config(4, warmup_steps=2)
+    step = ts.jit_train_step(cfg)
+    state = fresh_state(cfg)
+    first = jax.tree.map(np.array, state.params)  # a copy: a live view would block donation
+    old = state
+    losses_seen, lrs = [], []
+    for _ in range(6):
+        state, metrics = step(state, batch, PARAMS_T)
+        losses_seen.append(float(metrics["loss"]))
+        lrs.append(float(metrics["learning_rate"]))
+    assert any(x.is_deleted() for x in jax.tree.leaves(old.params))  # the state was donated
+    assert int(state.step) == 6
+    changed = [not np.allclose(np.asarray(a), b) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(first))]
+    assert all(changed)
+    assert lrs[0] == 0.0 and lrs[2] == pytest.approx(1e-2)  # linear warmup over 2 steps
+    assert losses_seen[-1] < 0.7 * losses_seen[1], losses_seen
+    assert step.jitted._cache_size() == 1  # step, rng and lr are traced: no recompilation
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="chunk_size must be a positive"):
+        config(0)
+    with pytest.raises(ValueError, match="chunk_size must be a positive"):
+        ts.chunked_topk_kl(lambda x: x, jnp.zeros((1, 2, 4)), chunk_size=-1,
+                           topk_ids_btk=jnp.zeros((1, 2, 1), jnp.int32), topk_teacher_logprob_btk=jnp.zeros((1, 2, 1)))  # fmt: skip
+    with pytest.raises(ValueError, match="share the vocabulary"):
+        ts.TrainConfig(student=STUDENT, teacher=TEACHER.__class__(**{**TEACHER.__dict__, "vocab_size": 64}))
+    batch, cfg = make_batch(6), config(3)
+    step = ts.jit_train_step(cfg)
+    state = fresh_state(cfg)
+    with pytest.raises(ValueError, match="attention_mask_bs shape"):
+        step(state, batch.replace(attention_mask_bs=batch.attention_mask_bs[:, 1:]), PARAMS_T)
+    with pytest.raises(ValueError, match=r"response_mask_bt must be \[B=4, T\]"):
+        step(state, batch.replace(response_mask_bt=batch.response_mask_bt[:2]), PARAMS_T)
+    with pytest.raises(ValueError, match="shorter than the sequence"):
+        step(state, batch.replace(response_mask_bt=jnp.ones((B, P + T), bool)), PARAMS_T)
+    with pytest.raises(ValueError, match="exactly one of the two"):
+        step(state, stored_batch(batch).replace(teacher_input_ids_bs=batch.teacher_input_ids_bs), PARAMS_T)
+    with pytest.raises(ValueError, match=r"topk_ids_btk must have shape \[B, T, top_k\]"):
+        sb = stored_batch(batch)
+        step(state, sb.replace(topk_ids_btk=sb.topk_ids_btk[..., :4]))
+    with pytest.raises(ValueError, match="teacher mode needs config.teacher and teacher_params"):
+        step(state, batch)
+    with pytest.raises(ValueError, match=r"teacher sequence must be \[B=4, S' > T=7\]"):
+        step(state, batch.replace(teacher_input_ids_bs=batch.teacher_input_ids_bs[:, -T:],
+                                  teacher_attention_mask_bs=batch.teacher_attention_mask_bs[:, -T:]), PARAMS_T)  # fmt: skip
+    assert not state.params["embed_vd"].is_deleted()  # a rejected batch does not consume the state
+
+
+# ------------------------------------------------------------------------------------------
+# 8 fake CPU devices, in a subprocess so that every other test keeps seeing one device.
+
+
+def _eight_device_check():
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as Spec
+
+    from trb_jax import sharding
+
+    assert jax.device_count() == 8, jax.devices()
+    # A small learning rate: Adam's first update is lr * g / (|g| + 1e-8), which turns float32
+    # reduction-order noise on near-zero gradients into differences of up to 2 lr; the
+    # gradients themselves are compared through the first moment (mu = (1 - b1) g).
+    cfg = config(3, peak_lr=1e-5)
+    batch = make_batch(7, b=8)
+    rng = jax.random.key(0)
+    want = {}
+    step = ts.jit_train_step(cfg)
+    # Teacher mode only (both models sharded); the stored mode differs from it only in two batch
+    # fields and equals it on one device (test_stored_mode_step_equals_teacher_mode_step).
+    for mode, bt, tp in (("teacher", batch, PARAMS_T),):
+        state, metrics = step(fresh_state(cfg), bt, tp)
+        want[mode] = (jax.tree.map(np.asarray, state.params), jax.tree.map(np.asarray, metrics),
+                      jax.tree.map(np.asarray, state.opt_state[1][0].mu))
+
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    abstract = jax.eval_shape(lambda p: ts.init_train_state(p, cfg, rng), PARAMS_S)
+    state_sh = ts.state_shardings(cfg, mesh, abstract)
+    init = jax.jit(lambda p: ts.init_train_state(p, cfg, rng), out_shardings=state_sh)
+    teacher_sh = ts.teacher_shardings(cfg, mesh, PARAMS_T)
+    params_t = jax.device_put(PARAMS_T, teacher_sh)
+    for mode, bt, tp, tsh in (("teacher", batch, params_t, teacher_sh),):
+        batch_sh = ts.batch_shardings(mesh, bt)
+        sharded_step = ts.jit_train_step(cfg, mesh=mesh, state_sharding=state_sh, batch_sharding=batch_sh,
+                                         teacher_sharding=tsh)  # fmt: skip
+        state = init(jax.device_put(PARAMS_S, state_sh.params))
+        assert state.params["layers"]["q_dnh"].sharding.spec == Spec(None, "fsdp", "tensor", None)
+        mu = state.opt_state[1][0].mu["layers"]["q_dnh"]
+        assert mu.sharding.spec == Spec(None, "fsdp", "tensor", None), mu.sharding
+        state, metrics = sharded_step(state, jax.device_put(bt, batch_sh), tp)
+        state, _ = sharded_step(state, jax.device_put(bt, batch_sh), tp)  # a second call: same program
+        assert sharded_step.jitted._cache_size() == 1
+        assert state.params["lm_head_dv"].sharding.is_equivalent_to(NamedSharding(mesh, Spec("fsdp", "tensor")), 2)
+        # Compare the first step only: rebuild and take one step.
+        state, metrics = sharded_step(init(jax.device_put(PARAMS_S, state_sh.params)), jax.device_put(bt, batch_sh), tp)
+        want_params, want_metrics, want_mu = want[mode]
+        assert_trees_close(state.params, want_params)
+        for got_m, want_m in zip(jax.tree.leaves(state.opt_state[1][0].mu), jax.tree.leaves(want_mu)):
+            np.testing.assert_allclose(got_m, want_m, atol=1e-5 * np.abs(want_m).max())
+        for name, value in want_metrics.items():
+            np.testing.assert_allclose(metrics[name], value, rtol=1e-5, atol=1e-6, err_msg=f"{mode} {name}")
+    print("EIGHT_DEVICE_TRAIN_STEP_OK")
+
+
+def test_sharded_step_equals_one_device_step_on_8_cpu_devices():
+    tests_dir = pathlib.Path(__file__).parent
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([str(tests_dir), str(tests_dir.parent), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-c", "import test_train_step; test_train_step._eight_device_check()"],
+        env=env, cwd=tests_dir.parent, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "EIGHT_DEVICE_TRAIN_STEP_OK" in result.stdout
