@@ -1,16 +1,12 @@
 """Logical-axis sharding rules (trb_jax.sharding) and a sharded Qwen3 forward on 8 fake CPUs."""
 
-import os
-import pathlib
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from fake_devices import run_on_fake_devices
 from trb_jax import sharding
 from trb_jax.models import qwen3
 
@@ -120,14 +116,4 @@ def _eight_device_check():
 
 
 def test_sharded_forward_and_decode_equal_unsharded_on_8_cpu_devices():
-    tests_dir = pathlib.Path(__file__).parent
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(tests_dir), str(tests_dir.parent), env.get("PYTHONPATH", "")])
-    result = subprocess.run(
-        [sys.executable, "-c", "import test_sharding; test_sharding._eight_device_check()"],
-        env=env, cwd=tests_dir.parent, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "EIGHT_DEVICE_CHECK_OK" in result.stdout
+    run_on_fake_devices("test_sharding", "_eight_device_check", "EIGHT_DEVICE_CHECK_OK")

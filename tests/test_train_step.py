@@ -1,15 +1,11 @@
 """The OPD train step (trb_jax.train_step): chunked loss vs full-logits references, modes, AdamW, sharding."""
 
-import os
-import pathlib
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fake_devices import run_on_fake_devices
 from trb_jax import losses
 from trb_jax import train_step as ts
 from trb_jax.blending import EosMap, merge_eos
@@ -363,14 +359,4 @@ def _eight_device_check():
 
 
 def test_sharded_step_equals_one_device_step_on_8_cpu_devices():
-    tests_dir = pathlib.Path(__file__).parent
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(tests_dir), str(tests_dir.parent), env.get("PYTHONPATH", "")])
-    result = subprocess.run(
-        [sys.executable, "-c", "import test_train_step; test_train_step._eight_device_check()"],
-        env=env, cwd=tests_dir.parent, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "EIGHT_DEVICE_TRAIN_STEP_OK" in result.stdout
+    run_on_fake_devices("test_train_step", "_eight_device_check", "EIGHT_DEVICE_TRAIN_STEP_OK")
