@@ -1,6 +1,6 @@
 """Rollout throughput on CPU: trb_jax lockstep rollout vs transformers `generate`.
 
-    JAX_PLATFORMS=cpu python benchmarks/bench_rollout.py [--shapes small,paper] [--out benchmarks/results/rollout.json]
+    JAX_PLATFORMS=cpu python benchmarks/bench_rollout.py [--shapes small,paper,paper_full] [--out benchmarks/results/rollout.json]
 
 Same random weights in both frameworks (ours, converted with the checkpoint mapping, as in
 bench_forward.py). Measures
@@ -161,6 +161,13 @@ def main():
         t = dataclasses.replace(qwen3.qwen3_4b, num_layers=9)
         bench_shape("paper_pair_quarter_depth_f32", s, t, 4, 16, 8, args.paper_repeats, False,
                     results, step_time=True)
+        row = results[-1]
+        row["roofline_step_s"] = row["weight_bytes"] / (bw * 1e9)
+        row["trb_step_pct_of_roofline"] = 100 * row["roofline_step_s"] / row["trb_step_s"]
+    if "paper_full" in shapes:
+        # The full-depth pair in float32 (18.4 GB of weights): run alone on a 24 GiB machine.
+        bench_shape("paper_pair_full_depth_f32", qwen3.qwen3_0p6b, qwen3.qwen3_4b, 4, 16, 8,
+                    args.paper_repeats, False, results, step_time=True)
         row = results[-1]
         row["roofline_step_s"] = row["weight_bytes"] / (bw * 1e9)
         row["trb_step_pct_of_roofline"] = 100 * row["roofline_step_s"] / row["trb_step_s"]
