@@ -209,22 +209,8 @@ def check_batch(batch: Batch, config: TrainConfig, teacher_params: Params | None
 # Model pieces
 
 
-def hidden_states(
-    params: Params, config: qwen3.Qwen3Config, input_ids_bs: jax.Array,
-    attention_mask_bs: jax.Array, *, remat: bool = False,
-) -> jax.Array:  # fmt: skip
-    """Final-layer hidden states [B, S, D] before the final norm (`qwen3.forward` = unembed of these)."""
-    positions_bs = qwen3.positions_from_mask(attention_mask_bs)
-    s = input_ids_bs.shape[-1]
-    mask_bss = jnp.tril(jnp.ones((s, s), bool))[None] & attention_mask_bs.astype(bool)[:, None, :]
-
-    def body(x_bsd, lp):
-        return qwen3.decoder_layer(lp, config, x_bsd, positions_bs, mask_bss), None
-
-    if remat:
-        body = jax.checkpoint(body)
-    x_bsd, _ = jax.lax.scan(body, qwen3.embed(params, config, input_ids_bs), params["layers"])
-    return x_bsd
+# Final-layer hidden states [B, S, D] before the final norm, re-exported from the model module.
+hidden_states = qwen3.hidden_states
 
 
 def response_hidden(x_bsd: jax.Array, t: int) -> jax.Array:

@@ -335,6 +335,30 @@ def _causal_mask_bts(attention_mask_bt: jax.Array) -> jax.Array:
 # Full forward
 
 
+def hidden_states(
+    params: Params,
+    config: Qwen3Config,
+    input_ids_bt: jax.Array,
+    attention_mask_bt: jax.Array | None = None,
+    *,
+    remat: bool = False,
+) -> jax.Array:
+    """Last decoder layer's output [b, t, d] (before the final norm); `unembed` turns it into
+    logits. remat=True recomputes each layer in the backward pass (jax.checkpoint)."""
+    if attention_mask_bt is None:
+        attention_mask_bt = jnp.ones(input_ids_bt.shape, jnp.int32)
+    positions_bt = positions_from_mask(attention_mask_bt)
+    mask_bts = _causal_mask_bts(attention_mask_bt)
+
+    def body(x_btd, lp):
+        return decoder_layer(lp, config, x_btd, positions_bt, mask_bts), None
+
+    if remat:
+        body = jax.checkpoint(body)
+    x_btd, _ = jax.lax.scan(body, embed(params, config, input_ids_bt), params["layers"])
+    return x_btd
+
+
 def forward(
     params: Params,
     config: Qwen3Config,
@@ -347,17 +371,7 @@ def forward(
     Positions skip the padding, so a left-padded row gives the same logits at its real tokens
     as the unpadded row. Logits at padding slots are finite but meaningless.
     """
-    if attention_mask_bt is None:
-        attention_mask_bt = jnp.ones(input_ids_bt.shape, jnp.int32)
-    positions_bt = positions_from_mask(attention_mask_bt)
-    mask_bts = _causal_mask_bts(attention_mask_bt)
-    x_btd = embed(params, config, input_ids_bt)
-
-    def body(x_btd, lp):
-        return decoder_layer(lp, config, x_btd, positions_bt, mask_bts), None
-
-    x_btd, _ = jax.lax.scan(body, x_btd, params["layers"])
-    return unembed(params, config, x_btd)
+    return unembed(params, config, hidden_states(params, config, input_ids_bt, attention_mask_bt))
 
 
 # ---------------------------------------------------------------------------------------------
