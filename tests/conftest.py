@@ -19,4 +19,6 @@ _COMMON = dict(
 )
 settings.register_profile("ci", max_examples=200, **_COMMON)
 settings.register_profile("dev", max_examples=50, **_COMMON)
+# Fresh random examples each run, for hunting new failures by hand (not used by CI).
+settings.register_profile("explore", max_examples=500, **{**_COMMON, "derandomize": False})
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -54,6 +54,16 @@ eps_values = st.one_of(
 )
 
 
+def float32_rtol(s_row, t_row) -> float:
+    """Relative tolerance on D that float32 can honour for this row: 1e-5, unless the log-ratio
+    r = t - s is so large that beta * r itself rounds at 2^-24 |r| (logits ~1e4: D is then
+    resolved to ~1e-3 relative; realistic LM logits, |r| < 100, stay at 1e-5)."""
+    both = np.isfinite(s_row) & np.isfinite(t_row)
+    r = (t_row[both].astype(np.float64) - s_row[both])
+    spread = float(r.max() - r.min()) if r.size else 0.0
+    return max(1e-5, 4 * 2.0**-24 * spread)
+
+
 def assert_solution_properties(s32, t32, eps, res):
     """Constraint held, beta maximal, normalised, no NaN, log_probs = mu_beta: per row, in float64."""
     log_probs = np.asarray(res.log_probs, np.float64)
@@ -64,13 +74,15 @@ def assert_solution_properties(s32, t32, eps, res):
     for i in range(beta.shape[0]):
         e, b = eps_rows[i], float(beta[i])
         assert 0.0 <= b <= 1.0
+        rtol = float32_rtol(s32[i], t32[i])
         slack_hi = e * (1 + 1e-5) + 1e-9
         assert kl[i] <= slack_hi, (i, kl[i], e)
+        slack_hi = e * (1 + rtol) + 1e-9
         d_ref = ref.blend_kl64(s32[i], t32[i], b)
         assert d_ref <= slack_hi, ("constraint", i, b, d_ref, e)
         if b < 1.0:  # maximal: a step of 1e-5 up leaves the trust region (same tolerance)
             d_up = ref.blend_kl64(s32[i], t32[i], min(b + 1e-5, 1.0))
-            assert d_up > e * (1 - 1e-5) - 1e-9, ("maximal", i, b, d_up, e)
+            assert d_up > e * (1 - rtol) - 1e-9, ("maximal", i, b, d_up, e)
         np.testing.assert_allclose(np.logaddexp.reduce(log_probs[i]), 0.0, atol=1e-5)
         want = ref.blend_log_probs64(s32[i], t32[i], b)
         np.testing.assert_allclose(np.exp(log_probs[i]), np.exp(want), atol=2e-6, rtol=1e-4)

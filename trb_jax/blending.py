@@ -127,7 +127,11 @@ def _row_stats(student_logits: jax.Array, teacher_logits: jax.Array) -> _RowStat
     # round at the logits' magnitude, far above r's spread for near-identical policies.
     r_hi, r_lo = _two_diff(jnp.where(in_i, t32, 0.0), jnp.where(in_i, s32, 0.0))
     r_mean = jnp.sum(w_in * r_hi, axis=-1) + jnp.sum(w_in * r_lo, axis=-1)
-    rc = jnp.where(in_i, (r_hi - r_mean[..., None]) + r_lo, 0.0)
+    rc1 = jnp.where(in_i, (r_hi - r_mean[..., None]) + r_lo, 0.0)
+    # Second centring pass: when r carries a large constant (teacher logits offset by 3e4),
+    # the first mean rounds at that magnitude, and a leftover mean comparable to r's spread
+    # would spoil the series form's cancellation.
+    rc = jnp.where(in_i, rc1 - jnp.sum(w_in * rc1, axis=-1, keepdims=True), 0.0)
     w_rc = w_in * rc
     var_s = jnp.sum(w_rc * rc, axis=-1)
     m1 = jnp.sum(w_rc, axis=-1)
