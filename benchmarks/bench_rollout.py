@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_forward import SMALL, cpu_model, torch_model  # noqa: E402
+from bench_forward import SMALL, cpu_model, time_calls, torch_model  # noqa: E402
 
 from trb_jax import rollout as R  # noqa: E402
 from trb_jax.blending import EosMap  # noqa: E402
@@ -40,12 +40,7 @@ EOS_ID = 151643  # <|endoftext|>; random weights rarely pick it
 
 def _time(fn, repeats):
     fn()  # warm-up / compile
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+    return time_calls(fn, repeats)
 
 
 def _rollout_fn(ps, pt, cfg_s, cfg_t, behavior, b, prompt_len, T):
