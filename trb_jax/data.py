@@ -58,6 +58,7 @@ class DataConfig:
       that does not exist locally, has none of those suffixes and does not start with "/", "."
       or "~").
     split: the hub split; a local file is a single split and ignores it.
+    subset: the hub dataset's configuration name ("main" for openai/gsm8k; "" = none).
     prompt_field: the problem text; a dotted path reaches into nested records
       ("conversations.0.value" for OpenThoughts-style data).
     answer_field: the reference answer (for the reward), same syntax; None = no answers.
@@ -69,6 +70,7 @@ class DataConfig:
 
     source: str
     split: str = "train"
+    subset: str = ""
     prompt_field: str = "problem"
     answer_field: str | None = "answer"
     max_examples: int | None = None
@@ -157,11 +159,11 @@ def _read_parquet(path: str, fields: Sequence[str]) -> list[dict]:
     return pq.read_table(path, columns=sorted(set(top))).to_pylist()
 
 
-def _read_hub(source: str, split: str, max_examples: int | None) -> list[dict]:
+def _read_hub(source: str, split: str, max_examples: int | None, subset: str = "") -> list[dict]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(source, split=split)
+        ds = datasets.load_dataset(source, subset or None, split=split)
     except Exception as e:  # noqa: BLE001  (offline, unknown id, missing split, ...: one message)
         detail = (str(e).strip().splitlines() or [""])[0]
         raise ValueError(f"could not load dataset {source!r} (split {split!r}) from the Hugging "
@@ -196,7 +198,7 @@ def load_problems(config: DataConfig) -> tuple[list[str], list[str | None]]:
             raise ValueError(f"unsupported data file {source!r}: expected one of "
                              f"{', '.join(_LOCAL_SUFFIXES)}")
     else:
-        rows = _read_hub(source, config.split, config.max_examples)
+        rows = _read_hub(source, config.split, config.max_examples, config.subset)
     if config.max_examples is not None:
         rows = rows[:config.max_examples]
     if not rows:

@@ -1,0 +1,161 @@
+"""Warmup methods: what each training step's rollout and loss are, chosen by a table.
+
+A method is a small pure function `plan(step, method) -> StepPlan` over the *update index*
+(0-based, counting every optimizer update of the run). `METHODS` maps the config's
+`method.name` to it. The trainer only reads the plan; it never branches on the method name.
+
+  vanilla      student rollouts, OPD loss (top-k reverse KL), every step.
+  trb          TRB warmup: rollouts from mu* with eps_k = eps0 (1 - k/K) for k < K, then pure
+               student (the teacher only scores). The paper's method.
+  fixed_eps    the same blend with a constant eps0 for the whole run (the teacher decodes with
+               the student at every step).
+  skd          interleaved teacher injection for k < K (teacher top-`skd_k`, replacement at
+               temperature `skd_tau_t`), then student rollouts.
+  temperature  student sampling temperature tau_k = tau0 + (1 - tau0) k/K for k < K, then 1.
+  sft_warmup   the first `sft_steps` updates are supervised (NLL) on teacher-generated responses
+               to the same prompts (same order and multiplicity as the online pipeline); then
+               vanilla OPD. A run therefore lasts sft_steps + num_steps updates.
+  veto         student rollouts; the loss target at each visited prefix is the bridge
+               q_alpha ∝ sg(pi_S)^(1-alpha) pi_T^alpha with alpha_k = beta_start + (1 - beta_start)
+               k/K for k < K, then 1 (= vanilla OPD).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from trb_jax.rollout import select_program
+
+__all__ = ["MethodConfig", "StepPlan", "METHODS", "plan_step", "total_updates"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+    """The warmup method and its knobs (the config's `method` section).
+
+    name: a key of METHODS.
+    warmup_steps: K, updates over which the method anneals to vanilla OPD (trb, skd,
+      temperature, veto); > 0.
+    eps0: initial trust-region budget (trb) or the constant one (fixed_eps); >= 0.
+    skd_k / skd_tau_t: SKD teacher top-K (1..64) and replacement temperature (> 0).
+    tau0: initial student temperature of the temperature warmup (> 0).
+    sft_steps: supervised updates before OPD (sft_warmup); >= 1.
+    beta_start: initial bridge coefficient of veto, in [0, 1].
+    """
+
+    name: str = "trb"
+    warmup_steps: int = 50
+    eps0: float = 0.01
+    skd_k: int = 15
+    skd_tau_t: float = 0.2
+    tau0: float = 0.9
+    sft_steps: int = 25
+    beta_start: float = 0.5
+
+    def __post_init__(self):
+        if self.name not in METHODS:
+            raise ValueError(f"method.name: unknown method {self.name!r}; choose one of "
+                             f"{sorted(METHODS)}")
+        if self.warmup_steps <= 0:
+            raise ValueError(f"method.warmup_steps: must be > 0, got {self.warmup_steps}")
+        if not self.eps0 >= 0:
+            raise ValueError(f"method.eps0: must be >= 0, got {self.eps0}")
+        if not 1 <= self.skd_k <= 64:
+            raise ValueError(f"method.skd_k: must be in [1, 64], got {self.skd_k}")
+        if not self.skd_tau_t > 0:
+            raise ValueError(f"method.skd_tau_t: must be > 0, got {self.skd_tau_t}")
+        if not self.tau0 > 0:
+            raise ValueError(f"method.tau0: must be > 0, got {self.tau0}")
+        if self.sft_steps < 1:
+            raise ValueError(f"method.sft_steps: must be >= 1, got {self.sft_steps}")
+        if not 0.0 <= self.beta_start <= 1.0:
+            raise ValueError(f"method.beta_start: must be in [0, 1], got {self.beta_start}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """What one update does.
+
+    behavior: the rollout behavior (a key of trb_jax.behaviors.BEHAVIORS); already reduced by
+      `select_program` (an eps-0 blend is the student program).
+    loss: the train step's loss kind ("opd", "sft" or "veto").
+    eps / tau / skd_k / skd_tau_t: rollout knobs (see trb_jax.behaviors.Knobs).
+    target_alpha: the veto bridge coefficient (1.0 for other losses).
+    warmup: True while the method still differs from vanilla OPD at this step.
+    """
+
+    behavior: str
+    loss: str = "opd"
+    eps: float = 0.0
+    tau: float = 1.0
+    skd_k: int = 15
+    skd_tau_t: float = 0.2
+    target_alpha: float = 1.0
+    warmup: bool = False
+
+
+def _fraction(step: int, horizon: int) -> float:
+    return min(step / horizon, 1.0)
+
+
+def _vanilla(step: int, m: MethodConfig) -> StepPlan:
+    return StepPlan(behavior="student")
+
+
+def _trb(step: int, m: MethodConfig) -> StepPlan:
+    eps = m.eps0 * (1.0 - _fraction(step, m.warmup_steps))
+    return StepPlan(behavior=select_program("trb", eps), eps=eps, warmup=eps > 0)
+
+
+def _fixed_eps(step: int, m: MethodConfig) -> StepPlan:
+    return StepPlan(behavior=select_program("fixed_eps", m.eps0), eps=m.eps0, warmup=m.eps0 > 0)
+
+
+def _skd(step: int, m: MethodConfig) -> StepPlan:
+    if step >= m.warmup_steps:
+        return StepPlan(behavior="student")
+    return StepPlan(behavior="skd", skd_k=m.skd_k, skd_tau_t=m.skd_tau_t, warmup=True)
+
+
+def _temperature(step: int, m: MethodConfig) -> StepPlan:
+    if step >= m.warmup_steps:
+        return StepPlan(behavior="student")
+    tau = m.tau0 + (1.0 - m.tau0) * _fraction(step, m.warmup_steps)
+    return StepPlan(behavior="temperature", tau=tau, warmup=True)
+
+
+def _sft_warmup(step: int, m: MethodConfig) -> StepPlan:
+    if step >= m.sft_steps:
+        return StepPlan(behavior="student")
+    return StepPlan(behavior="teacher", loss="sft", warmup=True)
+
+
+def _veto(step: int, m: MethodConfig) -> StepPlan:
+    if step >= m.warmup_steps:
+        return StepPlan(behavior="student")
+    alpha = m.beta_start + (1.0 - m.beta_start) * _fraction(step, m.warmup_steps)
+    return StepPlan(behavior="student", loss="veto", target_alpha=alpha, warmup=True)
+
+
+METHODS: dict[str, Callable[[int, MethodConfig], StepPlan]] = {
+    "vanilla": _vanilla,
+    "trb": _trb,
+    "fixed_eps": _fixed_eps,
+    "skd": _skd,
+    "temperature": _temperature,
+    "sft_warmup": _sft_warmup,
+    "veto": _veto,
+}
+
+
+def plan_step(step: int, method: MethodConfig) -> StepPlan:
+    """The plan of update `step` (0-based) under `method`."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return METHODS[method.name](step, method)
+
+
+def total_updates(method: MethodConfig, num_steps: int) -> int:
+    """Updates in a run of `num_steps` OPD steps (sft_warmup adds its supervised updates)."""
+    return num_steps + (method.sft_steps if method.name == "sft_warmup" else 0)
