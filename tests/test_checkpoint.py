@@ -252,3 +252,18 @@ def test_hub_failure_is_one_clear_line():
     with pytest.raises(checkpoint.CheckpointError, match=r"^'/no/such/dir' is not a local directory and could not be fetched from the Hugging Face Hub: \w+") as info:
         checkpoint.from_pretrained("/no/such/dir")
     assert "\n" not in str(info.value) and info.value.__cause__ is not None
+
+
+# Sharded loading (issue #7); the 8-device version is in tests/test_sharding.py.
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sharded_from_pretrained_equals_whole_load(saved, dtype):
+    from trb_jax import sharding
+
+    path = saved["gqa4_untied_hd4", True]  # transformers' own multi-file checkpoint
+    whole = checkpoint.from_pretrained(path, dtype=dtype)
+    mesh = sharding.make_mesh()
+    got = checkpoint.from_pretrained(path, dtype=dtype, mesh=mesh)
+    assert jax.tree.structure(got.params) == jax.tree.structure(whole.params)
+    for g, w in zip(jax.tree.leaves(got.params), jax.tree.leaves(whole.params)):
+        assert isinstance(g.sharding, jax.sharding.NamedSharding) and g.dtype == w.dtype
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))

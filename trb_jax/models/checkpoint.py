@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -197,18 +198,10 @@ def config_to_hf(config: qwen3.Qwen3Config) -> dict[str, Any]:
 # Tensors <-> params
 
 
-def params_from_hf(
-    shapes: Mapping[str, tuple[int, ...]],
-    load: Callable[[str], np.ndarray],
-    config: qwen3.Qwen3Config,
-    *,
-    source: str = "checkpoint",
-) -> qwen3.Params:
-    """Params (config.param_dtype) from HF-named tensors.
-
-    `shapes` lists every tensor available (name -> shape); `load(name)` returns one as a NumPy
-    array. All names and shapes are validated before any tensor is loaded.
-    """
+def _validate_tensors(
+    shapes: Mapping[str, tuple[int, ...]], config: qwen3.Qwen3Config, source: str
+) -> dict[str, tuple[str, int | None, str, tuple]]:
+    """`_expected_tensors(config)` after checking names and shapes against `shapes`."""
     expected = _expected_tensors(config)
     for name, (_, _, layout, our_shape) in expected.items():
         if name not in shapes:
@@ -221,7 +214,22 @@ def params_from_hf(
     for name in shapes:
         if name not in expected and not _is_ignorable(name, config):
             raise CheckpointError(f"unexpected tensor {name!r} in {source}")
+    return expected
 
+
+def params_from_hf(
+    shapes: Mapping[str, tuple[int, ...]],
+    load: Callable[[str], np.ndarray],
+    config: qwen3.Qwen3Config,
+    *,
+    source: str = "checkpoint",
+) -> qwen3.Params:
+    """Params (config.param_dtype) from HF-named tensors.
+
+    `shapes` lists every tensor available (name -> shape); `load(name)` returns one as a NumPy
+    array. All names and shapes are validated before any tensor is loaded.
+    """
+    expected = _validate_tensors(shapes, config, source)
     np_dtype = _NP_DTYPES[config.param_dtype]
     per_layer: dict[str, list] = {key: [None] * config.num_layers for _, key, _ in _LAYER_TABLE}
     params: qwen3.Params = {}
@@ -232,6 +240,93 @@ def params_from_hf(
         else:
             per_layer[key][layer] = array
     params["layers"] = {key: jnp.asarray(np.stack(arrays)) for key, arrays in per_layer.items()}
+    return params
+
+
+def _read_block(
+    load_slice: Callable[[str, tuple[slice, ...]], np.ndarray],
+    name: str,
+    layout: str,
+    our_shape: tuple[int, ...],
+    index: tuple[slice, ...],
+) -> np.ndarray:
+    """Our-layout block `index` of one HF tensor, reading only the HF rows/columns it needs.
+
+    `index` has one slice per dimension of `our_shape` (step 1, as shardings produce).
+    """
+    full = [range(n)[i] for n, i in zip(our_shape, index)]  # normalised start/stop per dim
+    if layout == "same":
+        return load_slice(name, tuple(slice(r.start, r.stop) for r in full))
+    if layout == "linear":  # ours [in, out] = hf[out, in].T
+        (a, b) = full
+        return load_slice(name, (slice(b.start, b.stop), slice(a.start, a.stop))).T
+    if layout == "in_heads":  # ours [d, heads, h] = hf[heads*h, d].T
+        d, n, h = full
+        head_dim = our_shape[2]
+        hf = load_slice(name, (slice(n.start * head_dim, n.stop * head_dim), slice(d.start, d.stop)))
+        return hf.T.reshape(len(d), len(n), head_dim)[:, :, h.start : h.stop]
+    if layout == "out_heads":  # ours [n, h, d] = hf[d, n*h].T
+        n, h, d = full
+        head_dim = our_shape[1]
+        hf = load_slice(name, (slice(d.start, d.stop), slice(n.start * head_dim, n.stop * head_dim)))
+        return hf.T.reshape(len(n), head_dim, len(d))[:, h.start : h.stop, :]
+    raise AssertionError(layout)
+
+
+def sharded_params_from_hf(
+    shapes: Mapping[str, tuple[int, ...]],
+    load_slice: Callable[[str, tuple[slice, ...]], np.ndarray],
+    config: qwen3.Qwen3Config,
+    shardings: qwen3.Params,
+    *,
+    source: str = "checkpoint",
+) -> qwen3.Params:
+    """Params as global jax.Arrays laid out by `shardings`, each process reading only its shards.
+
+    `load_slice(name, slices)` returns `tensor[slices]` of one HF tensor (safetensors'
+    `get_slice`, which reads just those bytes). Every addressable shard is built by
+    `jax.make_array_from_callback` from the HF rows it covers (a stacked [layers, ...] shard
+    reads its layers one by one), so host memory holds one shard at a time and a process never
+    touches the other processes' shards. Replicated shards on several local devices are read
+    once.
+    """
+    expected = _validate_tensors(shapes, config, source)
+    np_dtype = _NP_DTYPES[config.param_dtype]
+    by_key: dict[str, dict[int | None, str]] = {}
+    for name, (key, layer, _, _) in expected.items():
+        by_key.setdefault(key, {})[layer] = name
+    layouts = {key: layout for _, key, layout in _GLOBAL_TABLE + _LAYER_TABLE}
+    global_shapes = qwen3.param_shapes(config)
+
+    def build(key: str, shape: tuple[int, ...], sharding: Any, stacked: bool):
+        names, layout = by_key[key], layouts[key]
+        cache: dict[tuple, np.ndarray] = {}
+
+        def callback(index: tuple[slice, ...]) -> np.ndarray:
+            index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+            bounds = tuple(range(n)[i] for n, i in zip(shape, index))
+            cache_key = tuple((r.start, r.stop) for r in bounds)
+            if cache_key not in cache:
+                if stacked:
+                    blocks = [
+                        _read_block(load_slice, names[layer], layout, shape[1:], index[1:])
+                        for layer in bounds[0]
+                    ]
+                    block = np.stack(blocks) if blocks else np.zeros((0,) + tuple(len(r) for r in bounds[1:]))
+                else:
+                    block = _read_block(load_slice, names[None], layout, shape, index)
+                cache[cache_key] = np.ascontiguousarray(block.astype(np_dtype))
+            return cache[cache_key]
+
+        return jax.make_array_from_callback(shape, sharding, callback)
+
+    params: qwen3.Params = {"layers": {}}
+    for key, shape in global_shapes.items():
+        if key == "layers":
+            continue
+        params[key] = build(key, shape, shardings[key], stacked=False)
+    for key, shape in global_shapes["layers"].items():
+        params["layers"][key] = build(key, shape, shardings["layers"][key], stacked=True)
     return params
 
 
@@ -283,12 +378,25 @@ def _safetensors_files(directory: Path) -> list[Path]:
 
 
 def from_pretrained(
-    path_or_hub_id: str | os.PathLike, *, dtype: Any = "float32", compute_dtype: Any = None
+    path_or_hub_id: str | os.PathLike,
+    *,
+    dtype: Any = "float32",
+    compute_dtype: Any = None,
+    mesh: Any = None,
+    shardings: Any = None,
+    rules: Any = None,
 ) -> qwen3.Qwen3CausalLM:
     """Load a HF Qwen3 checkpoint (local dir or Hub id) as a callable Qwen3CausalLM.
 
     dtype is the parameter dtype (float32 or bfloat16, str or jnp dtype); compute_dtype
     defaults to it. The result maps input_ids [b, t] int32 to logits [b, t, v] float32.
+
+    Sharded loading: with `shardings` (a params pytree of jax.sharding.Sharding) or `mesh`
+    (shardings from the logical-axis table, `rules` defaulting to
+    trb_jax.sharding.LOGICAL_AXIS_RULES; pass INFERENCE_AXIS_RULES for a teacher) every param is
+    a global jax.Array built shard by shard from safetensors slices: each process reads only the
+    bytes of its own addressable shards (`sharded_params_from_hf`). Without either, params are
+    loaded whole onto the default device.
     """
     directory = resolve_checkpoint_dir(path_or_hub_id)
     config_path = directory / "config.json"
@@ -307,9 +415,21 @@ def from_pretrained(
             for name in handle.keys():
                 handles[name] = handle
                 shapes[name] = tuple(handle.get_slice(name).get_shape())
-        params = params_from_hf(
-            shapes, lambda name: handles[name].get_tensor(name), config, source=str(directory)
-        )
+        if shardings is None and mesh is not None:
+            from trb_jax import sharding as sharding_lib
+
+            shardings = sharding_lib.param_shardings(
+                config, mesh, rules=rules or sharding_lib.LOGICAL_AXIS_RULES
+            )
+        if shardings is None:
+            params = params_from_hf(
+                shapes, lambda name: handles[name].get_tensor(name), config, source=str(directory)
+            )
+        else:
+            params = sharded_params_from_hf(
+                shapes, lambda name, idx: handles[name].get_slice(name)[idx], config, shardings,
+                source=str(directory),
+            )  # fmt: skip
     return qwen3.Qwen3CausalLM(params=params, config=config)
 
 
