@@ -22,6 +22,7 @@ def get_config(arg: str | None = None):
     config.rollout.prompts_per_step = 4
     config.rollout.samples_per_prompt = 2
     config.rollout.max_new_tokens = 16
+    config.rollout.prompt_length = 64  # toy prompts are 30-50 tokens: one program per run
     config.method.name = options.pop("method", "trb")
     config.method.warmup_steps = 12
     config.method.eps0 = 0.05

@@ -7,6 +7,13 @@ import os
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA cache for the session's processes (both xdist workers and the CLI
+# subprocesses of the trainer tests compile many of the same programs). Results do not depend
+# on it: a cache hit returns the same executable.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                   ".pytest_cache", "jax_compilation_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 sys.path.insert(0, os.path.dirname(__file__))
 
 from hypothesis import HealthCheck, settings  # noqa: E402

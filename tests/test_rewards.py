@@ -5,6 +5,7 @@ AUROC against the O(N^2) pair count.
 """
 
 import itertools
+import os
 import math
 import threading
 import time
@@ -279,3 +280,42 @@ def test_auroc_errors():
         rewards.auroc([1.0, math.nan], [0, 1])
     with pytest.raises(ValueError, match="labels must hold only 0/1"):
         rewards.auroc([1.0, 2.0], [0, 2])
+
+
+_ORPHAN_SCRIPT = """
+import os, signal, sys
+from trb_jax.rewards import Grader
+if __name__ == "__main__":
+    g = Grader(2)
+    print(" ".join(str(p) for p in g._executor._processes), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_workers_exit_when_the_parent_is_killed(tmp_path):
+    """kill -9 of the trainer cannot close the pool; the workers must notice and exit."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "orphan.py"
+    script.write_text(_ORPHAN_SCRIPT)
+    with open(tmp_path / "out.txt", "w") as out:
+        proc = subprocess.run([sys.executable, str(script)], stdout=out, timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    pids = [int(p) for p in (tmp_path / "out.txt").read_text().split()]
+    assert len(pids) == 2
+
+    def alive(pid):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return not open(f"/proc/{pid}/stat").read().split()[2] == "Z" if os.path.exists(
+            f"/proc/{pid}/stat") else False
+
+    deadline = time.time() + 20
+    while time.time() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.2)
+    assert not any(alive(p) for p in pids)

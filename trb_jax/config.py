@@ -58,6 +58,9 @@ class RolloutConfig:
 
     temperature / top_p apply to both models before any behavior; top_k is the student top-k
     support of the loss (paper: 16); solver the trust-region solver ("newton" or "bisection").
+    prompt_length: > 0 pads every prompt (student and teacher template) to exactly this many
+      tokens, so one compiled rollout and train step serve the whole run (a longer prompt is an
+      error); 0 pads each batch to the next of rollout.PROMPT_BUCKETS (a few programs).
     """
 
     prompts_per_step: int = 8
@@ -67,6 +70,7 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 16
     solver: str = "newton"
+    prompt_length: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,6 +267,8 @@ def to_run_config(cd: ml_collections.ConfigDict, *, workdir: str | None = None) 
     rollout = _convert(RolloutConfig, cd.rollout, "rollout.")
     for f in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "top_k"):
         _check(getattr(rollout, f) >= 1, f"rollout.{f}: must be >= 1, got {getattr(rollout, f)}")
+    _check(rollout.prompt_length >= 0,
+           f"rollout.prompt_length: must be >= 0, got {rollout.prompt_length}")
     _check(rollout.temperature > 0, f"rollout.temperature: must be > 0, got {rollout.temperature}")
     _check(0 < rollout.top_p <= 1, f"rollout.top_p: must be in (0, 1], got {rollout.top_p}")
     _check(rollout.solver in _SOLVERS,

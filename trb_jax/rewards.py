@@ -116,9 +116,18 @@ def _faulty_grade_for_tests(response: str, answer: str) -> float:
 _READY_BARRIER = None
 
 
+def _exit_when_orphaned(parent_pid: int, period_s: float = 1.0) -> None:
+    # A parent killed with SIGKILL (preemption, OOM, kill -9) cannot shut the pool down, and the
+    # workers' queues stay open (each worker holds both ends), so they would idle forever.
+    while os.getppid() == parent_pid:
+        time.sleep(period_s)
+    os._exit(0)
+
+
 def _init_worker(barrier) -> None:
     global _READY_BARRIER
     _READY_BARRIER = barrier
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
     grade("\\boxed{1}", "1")  # imports sympy/math-verify and builds the LaTeX parser up front
 
 

@@ -1,0 +1,161 @@
+"""The training loop end to end on the smoke world: every method, resume after kill -9, eval."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from trb_jax import config as C
+from trb_jax import methods, smoke, trainer
+from trb_jax.metric_writer import read_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMING_KEYS = ("time_rollout_s", "time_update_s", "time_scoring_s", "tokens_per_s",
+               "rollout_tokens_per_s")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return str(smoke.make_smoke_world(tmp_path_factory.mktemp("smoke_world")))
+
+
+def _config(world, method, **train):
+    cd = C.base_config()
+    cd.model.student, cd.model.teacher = f"{world}/student", f"{world}/teacher"
+    cd.data.source = f"{world}/train.jsonl"
+    cd.data.system_prompt = "Put the answer in \\boxed{}."
+    cd.rollout.prompts_per_step, cd.rollout.samples_per_prompt = 2, 2
+    cd.rollout.max_new_tokens = 8
+    cd.rollout.prompt_length = 64
+    cd.method.name = method
+    cd.method.warmup_steps, cd.method.sft_steps, cd.method.eps0 = 2, 1, 0.05
+    cd.optim.peak_lr, cd.optim.decay_steps = 1e-3, 4
+    cd.train.num_steps, cd.train.checkpoint_every, cd.train.chunk_size = 3, 2, 4
+    cd.train.progress_bar = False
+    cd.train.grader_workers = 1
+    cd.eval.datasets.toy = dict(source=f"{world}/test.jsonl", max_examples=2)
+    cd.eval.num_samples, cd.eval.max_new_tokens = 1, 8
+    for key, value in train.items():
+        cd.train[key] = value
+    return C.to_run_config(cd)
+
+
+@pytest.mark.parametrize("method", sorted(methods.METHODS))
+def test_every_method_trains_end_to_end(world, tmp_path, method):
+    cfg = _config(world, method)
+    records = trainer.train(cfg, str(tmp_path))
+    total = methods.total_updates(cfg.method, cfg.train.num_steps)
+    assert [r["step"] for r in records] == list(range(total))
+    assert read_jsonl(str(tmp_path / "metrics.jsonl")) == records
+    for r, k in zip(records, range(total)):
+        plan = methods.plan_step(k, cfg.method)
+        assert (r["behavior"], r["loss_kind"]) == (plan.behavior, plan.loss)
+        assert np.isfinite(r["loss"]) and r["loss"] >= -1e-6
+        assert 0.0 <= r["reward"] <= 1.0
+        assert np.isfinite(r["teacher_logprob"]) and r["teacher_logprob"] <= 0
+        assert np.isfinite(r["teacher_entropy"]) and r["teacher_entropy"] >= 0
+        assert r["eps"] == pytest.approx(plan.eps)
+        for key in TIMING_KEYS:
+            assert r[key] > 0
+        if plan.behavior in ("trb", "fixed_eps"):
+            assert 0.0 <= r["beta_p10"] <= r["beta_p50"] <= r["beta_p90"] <= 1.0
+            assert r["behavior_kl"] <= plan.eps * (1 + 1e-3) + 1e-6
+    evals = read_jsonl(str(tmp_path / "eval.jsonl"))
+    assert [e["step"] for e in evals] == [0, total]
+    assert all(0.0 <= e["toy/pass@1"] <= 1.0 for e in evals)
+    steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+    assert steps[-1] == total
+    assert os.listdir(tmp_path / "tensorboard" / "metrics")
+
+
+def test_trb_warmup_reuses_rollout_teacher_scores(world, tmp_path):
+    """During TRB warmup the batch carries the rollout's top-k teacher log-probs (no second
+    teacher pass); after warmup the teacher scores the batch in the step."""
+    cfg = _config(world, "trb")
+    run_plan = [methods.plan_step(k, cfg.method) for k in range(3)]
+    prompts_seen = []
+    original = trainer.make_batch
+
+    def spy(prompts, ro, plan):
+        batch = original(prompts, ro, plan)
+        prompts_seen.append((plan.behavior, batch.uses_stored_teacher,
+                             batch.teacher_input_ids_bs is not None))
+        return batch
+
+    trainer.make_batch = spy
+    try:
+        trainer.train(cfg, str(tmp_path))
+    finally:
+        trainer.make_batch = original
+    assert [p.behavior for p in run_plan] == ["trb", "trb", "student"]
+    assert prompts_seen == [("trb", True, False), ("trb", True, False), ("student", False, True)]
+
+
+def test_student_teacher_vocabulary_mismatch_is_a_config_error(world, tmp_path):
+    from trb_jax.models import checkpoint, qwen3
+    import jax
+
+    bigger = dataclasses.replace(smoke.SMOKE_TEACHER, vocab_size=smoke.SMOKE_TEACHER.vocab_size + 8)
+    params = qwen3.init_params(bigger, jax.random.key(0))
+    checkpoint.save_pretrained(qwen3.Qwen3CausalLM(params=params, config=bigger), tmp_path / "t")
+    model = C.ModelConfig(student=f"{world}/student", teacher=str(tmp_path / "t"),
+                          teacher_tokenizer=f"{world}/teacher")
+    with pytest.raises(C.ConfigError) as e:
+        trainer.load_models(model)
+    assert str(e.value) == ("model.teacher: vocabulary mismatch: student vocab_size 128 vs "
+                            "teacher vocab_size 136 (OPD needs a shared vocabulary)")
+
+
+def _cli(module, workdir, *overrides, env_extra=None):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **(env_extra or {}))
+    return [sys.executable, "-m", module, "--config=configs/smoke.py", f"--workdir={workdir}",
+            *overrides], env
+
+
+def _deterministic(records):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
+    overrides = ("--config.train.num_steps=8", "--config.train.checkpoint_every=2",
+                 "--config.train.eval_every=4", "--config.method.warmup_steps=4",
+                 "--config.train.progress_bar=false")
+    cache = {}  # subprocesses inherit conftest's persistent compilation cache
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    cmd, env = _cli("trb_jax.train", full, *overrides, env_extra=cache)
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+
+    # SIGKILL right after update 5 is logged: checkpoint 4 exists, update 5's is never written,
+    # so the resumed run must rewind metrics.jsonl to step 4 and redo updates 4 and 5.
+    cmd, env = _cli("trb_jax.train", killed, *overrides,
+                    env_extra={**cache, trainer.FAULT_ENV: "5"})
+    # Output to a file, not a pipe: the killed trainer's orphaned grader workers inherit its
+    # stdout/stderr, and a pipe would stay open until they notice their parent is gone.
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=log, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    partial = read_jsonl(str(killed / "metrics.jsonl"))
+    assert [r["step"] for r in partial] == list(range(6))
+    assert max(int(d) for d in os.listdir(killed / "checkpoints") if d.isdigit()) == 4
+
+    cmd, env = _cli("trb_jax.train", killed, *overrides, env_extra=cache)
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+    a = read_jsonl(str(full / "metrics.jsonl"))
+    b = read_jsonl(str(killed / "metrics.jsonl"))
+    assert [r["step"] for r in b] == list(range(8))
+    assert _deterministic(a) == _deterministic(b)
+    assert read_jsonl(str(full / "eval.jsonl")) == read_jsonl(str(killed / "eval.jsonl"))
+
+    cmd, env = _cli("trb_jax.evaluate", killed, "--config.eval.num_samples=2", env_extra=cache)
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.load(open(killed / "eval_step_8.json"))
+    toy = result["datasets"]["toy"]
+    assert np.array(toy["correct_pn"]).shape == (8, 2)
+    assert toy["metrics"]["pass@1"] == pytest.approx(np.mean(toy["correct_pn"]))

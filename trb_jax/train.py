@@ -1,0 +1,57 @@
+"""`python -m trb_jax.train --config=configs/FILE.py[:ARGS] --workdir=DIR [--config.FIELD=VALUE]`
+
+Thin entry point: parses the ml_collections config (locked: an unknown override is an error),
+initialises jax.distributed when the environment asks for it (SLURM, TPU pod or explicit
+coordinator flags), converts the config (one-line ConfigError on bad values) and runs
+`trb_jax.trainer.train`. Running the same command again resumes from DIR/checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/FILE.py[:ARGS]",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, logs)")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (multi-process runs without SLURM/TPU)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every checkpoint file at INFO
+    from trb_jax import distributed, trainer
+    from trb_jax.config import ConfigError, to_run_config
+
+    distributed.initialize(coordinator_address=_COORDINATOR.value,
+                           num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    workdir = os.path.abspath(_WORKDIR.value)
+    try:
+        cfg = to_run_config(_CONFIG.value, workdir=workdir)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    if distributed.is_primary():
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(_CONFIG.value.to_json_best_effort(indent=2) + "\n")
+    try:
+        records = trainer.train(cfg, workdir)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    if records and distributed.is_primary():
+        last = records[-1]
+        print(json.dumps({k: last[k] for k in ("step", "loss", "reward") if k in last}))
+
+
+if __name__ == "__main__":
+    app.run(main)

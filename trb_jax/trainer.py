@@ -1,0 +1,545 @@
+"""The OPD training loop: prompts -> rollout (the method's behavior) -> grade -> train step.
+
+`train(run_config, workdir)` is the whole job behind `python -m trb_jax.train`. Per update k:
+
+  1. `methods.plan_step(k)` says the behavior, its knobs (eps_k, tau_k, ...) and the loss kind;
+  2. the prompt stream yields `prompts_per_step` problems, each repeated `samples_per_prompt`
+     times; the rollout samples one response per row with keys fold_in(fold_in(seed, k), row);
+  3. responses are graded by math-verify in a process pool (a thread waits on it while the
+     train step runs: rewards are logged, never trained on);
+  4. the batch is [prompt | response]; if the rollout ran the teacher, its top-k teacher
+     log-probs are reused (stored mode), otherwise the teacher scores the batch inside the step;
+  5. metrics go to DIR/metrics.jsonl and TensorBoard; checkpoints (state + data position) to
+     DIR/checkpoints every `checkpoint_every` updates and at the end; evaluation every
+     `eval_every` updates (and at update 0 and the end) to DIR/eval.jsonl.
+
+Everything random is a function of (seed, update index, row), and the data position is saved,
+so a resumed run repeats an uninterrupted one bitwise on CPU.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from trb_jax import checkpointing, distributed, evaluation, methods, rewards, sharding
+from trb_jax import data as data_lib
+from trb_jax import train_step as ts
+from trb_jax.behaviors import BLEND_BEHAVIORS, make_knobs
+from trb_jax.blending import EosMap
+from trb_jax.config import ConfigError, RunConfig
+from trb_jax.metric_writer import MetricWriter
+from trb_jax.models import checkpoint as hf_checkpoint
+from trb_jax.models import qwen3
+from trb_jax.rollout import PROMPT_BUCKETS, Prompts, Rollout, RolloutSpec, rollout, row_keys
+
+__all__ = ["Models", "load_models", "make_mesh", "make_batch", "rollout_metrics", "train",
+           "PREPARE"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and tokenizers
+
+
+@dataclasses.dataclass
+class Models:
+    """Both models, their tokenizers and the shared stop event (EosMap)."""
+
+    params_s: Any
+    config_s: qwen3.Qwen3Config
+    params_t: Any
+    config_t: qwen3.Qwen3Config
+    tokenizer_s: Any
+    tokenizer_t: Any
+    eos: EosMap
+    student_eos_id: int
+    teacher_eos_id: int
+
+    @property
+    def pad_id_s(self) -> int:
+        return _pad_id(self.tokenizer_s, self.student_eos_id)
+
+    @property
+    def pad_id_t(self) -> int:
+        return _pad_id(self.tokenizer_t, self.teacher_eos_id)
+
+
+def _pad_id(tokenizer, fallback: int) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fallback
+
+
+def _eos_ids(tokenizer, directory: str, field: str) -> list[int]:
+    """The tokenizer's EOS first, then any extra ids of generation_config.json (Qwen3 chat
+    models stop on <|im_end|> and <|endoftext|>)."""
+    import json
+
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"{field}: tokenizer has no eos_token")
+    ids = [int(tokenizer.eos_token_id)]
+    gen = os.path.join(directory, "generation_config.json")
+    if os.path.isfile(gen):
+        extra = json.load(open(gen)).get("eos_token_id")
+        for i in [extra] if isinstance(extra, int) else (extra or []):
+            if int(i) not in ids:
+                ids.append(int(i))
+    return ids
+
+
+def load_models(model_cfg) -> Models:
+    """Loads both checkpoints and tokenizers; one-line ConfigErrors for a vocabulary mismatch."""
+    from transformers import AutoTokenizer
+
+    s = hf_checkpoint.from_pretrained(model_cfg.student, dtype=model_cfg.param_dtype)
+    t = hf_checkpoint.from_pretrained(model_cfg.teacher, dtype=model_cfg.param_dtype)
+    if s.config.vocab_size != t.config.vocab_size:
+        raise ConfigError(
+            f"model.teacher: vocabulary mismatch: student vocab_size {s.config.vocab_size} vs "
+            f"teacher vocab_size {t.config.vocab_size} (OPD needs a shared vocabulary)")
+    tok_s = AutoTokenizer.from_pretrained(model_cfg.student_tokenizer or model_cfg.student)
+    tok_t = AutoTokenizer.from_pretrained(model_cfg.teacher_tokenizer or model_cfg.teacher)
+    if tok_s.get_vocab() != tok_t.get_vocab():
+        raise ConfigError("model.teacher_tokenizer: vocabulary mismatch: the student and teacher "
+                          "tokenizers map tokens to different ids")
+    student_eos = _eos_ids(tok_s, model_cfg.student, "model.student_tokenizer")
+    teacher_eos = _eos_ids(tok_t, model_cfg.teacher, "model.teacher_tokenizer")
+    eos = EosMap.from_ids(student_eos, teacher_eos)
+    return Models(s.params, s.config, t.params, t.config, tok_s, tok_t, eos,
+                  student_eos[0], teacher_eos[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Mesh and placement
+
+
+def make_mesh(mesh_cfg) -> Mesh:
+    n = jax.device_count()
+    rest = mesh_cfg.fsdp * mesh_cfg.tensor
+    data = n // rest if mesh_cfg.data == -1 else mesh_cfg.data
+    if data < 1 or data * rest != n:
+        raise ConfigError(f"mesh: data {mesh_cfg.data} x fsdp {mesh_cfg.fsdp} x tensor "
+                          f"{mesh_cfg.tensor} does not match the {n} devices")
+    return sharding.make_mesh(data, mesh_cfg.fsdp, mesh_cfg.tensor)
+
+
+def _rows_sharding(mesh: Mesh, rows: int) -> NamedSharding:
+    spec = sharding.logical_to_spec(("batch",), (rows,), dict(mesh.shape))
+    return NamedSharding(mesh, PartitionSpec(*spec, None))
+
+
+# ---------------------------------------------------------------------------------------------
+# One update's pieces
+
+
+def make_batch(prompts: Prompts, ro: Rollout, plan: methods.StepPlan) -> ts.Batch:
+    """[prompt | response] for the student, plus stored teacher top-k or the teacher's sequence.
+
+    The student sequence carries the student's native EOS at the stop, the teacher sequence the
+    teacher's (what each model was fed during the rollout).
+    """
+    ids = jnp.concatenate([prompts.student_ids_bt, ro.student_tokens_bt], axis=1)
+    mask = jnp.concatenate([prompts.student_mask_bt, jnp.ones_like(ro.student_tokens_bt)], axis=1)
+    batch = ts.Batch(input_ids_bs=ids, attention_mask_bs=mask,
+                     response_mask_bt=ro.response_mask_bt)
+    if plan.loss == "sft":
+        return batch
+    if ro.topk_ids_btk is not None:  # the teacher ran inside the rollout: reuse its scores
+        batch = batch.replace(topk_ids_btk=ro.topk_ids_btk,
+                              topk_teacher_logprob_btk=ro.topk_teacher_logprob_btk)
+    else:
+        t_ids = jnp.concatenate([prompts.teacher_ids_bt, ro.teacher_tokens_bt], axis=1)
+        t_mask = jnp.concatenate([prompts.teacher_mask_bt, jnp.ones_like(ro.teacher_tokens_bt)],
+                                 axis=1)
+        batch = batch.replace(teacher_input_ids_bs=t_ids, teacher_attention_mask_bs=t_mask)
+    if plan.loss == "veto":
+        batch = batch.replace(target_alpha=jnp.asarray(plan.target_alpha, jnp.float32))
+    return batch
+
+
+def _masked_mean(x_bt: np.ndarray, mask_bt: np.ndarray) -> float:
+    n = mask_bt.sum()
+    return float((np.where(mask_bt, x_bt, 0.0)).sum() / n) if n else float("nan")
+
+
+def _row_means(x_bt: np.ndarray, mask_bt: np.ndarray) -> np.ndarray:
+    return np.where(mask_bt, x_bt, 0.0).sum(-1) / np.maximum(mask_bt.sum(-1), 1)
+
+
+def rollout_metrics(ro_host: dict[str, np.ndarray], plan: methods.StepPlan, rewards_b: np.ndarray,
+                    step_metrics: dict[str, np.ndarray]) -> dict[str, float]:
+    """The per-step diagnostics of the paper (section 6 of the spec) from host arrays."""
+    mask = ro_host["response_mask_bt"].astype(bool)
+    lengths = ro_host["lengths_b"]
+    out: dict[str, float] = {
+        "reward": float(np.mean(rewards_b)),
+        "response_length": float(np.mean(lengths)),
+        "eps": plan.eps, "tau": plan.tau, "target_alpha": plan.target_alpha,
+        "warmup": float(plan.warmup),
+    }
+    if ro_host["topk_ids_btk"] is not None:  # the teacher ran in the rollout
+        t_lp, s_lp = ro_host["teacher_logprob_bt"], ro_host["student_logprob_bt"]
+        t_row, s_row = _row_means(t_lp, mask), _row_means(s_lp, mask)
+        entropy = _masked_mean(ro_host["teacher_entropy_bt"], mask)
+        teacher_lp = _masked_mean(t_lp, mask)
+    else:  # the train step's teacher forward scored the sampled tokens
+        t_row, s_row = step_metrics["teacher_logprob_b"], step_metrics["student_logprob_b"]
+        w = lengths / max(lengths.sum(), 1)
+        entropy = float(np.sum(step_metrics["teacher_entropy_b"] * w))
+        teacher_lp = float(np.sum(t_row * w))
+    out["teacher_logprob"] = teacher_lp
+    out["student_logprob"] = _masked_mean(ro_host["student_logprob_bt"], mask)
+    out["teacher_entropy"] = entropy
+    score = np.asarray(t_row - s_row, np.float64)
+    finite = np.isfinite(score)
+    out["auroc"] = (rewards.auroc(score[finite], (rewards_b[finite] > 0.5).astype(int))
+                    if finite.any() else float("nan"))
+    beta = ro_host["beta_bt"][mask]
+    beta = beta[np.isfinite(beta)]
+    if plan.behavior in BLEND_BEHAVIORS and beta.size:
+        out["beta_mean"] = float(beta.mean())
+        for q in (10, 50, 90):
+            out[f"beta_p{q}"] = float(np.percentile(beta, q))
+    kl = ro_host["kl_bt"][mask]
+    out["behavior_kl"] = float(np.nanmean(kl)) if np.isfinite(kl).any() else float("nan")
+    if plan.behavior == "skd":
+        out["skd_replaced_frac"] = _masked_mean(ro_host["skd_replaced_bt"].astype(np.float32), mask)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparation hooks (self-contained configs build their inputs under the workdir)
+
+
+def _prepare_smoke(workdir: str) -> None:
+    from trb_jax import smoke
+
+    smoke.make_smoke_world(os.path.join(workdir, "smoke"))
+
+
+def _prepare_toy(workdir: str) -> None:
+    from trb_jax.toy import build
+
+    build.ensure_toy_world(os.path.join(workdir, "toy"))
+
+
+PREPARE = {"": lambda workdir: None, "smoke": _prepare_smoke, "toy": _prepare_toy}
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclasses.dataclass
+class _Run:
+    cfg: RunConfig
+    workdir: str
+    models: Models
+    mesh: Mesh
+    stream: data_lib.PromptStream
+    state: ts.TrainState
+    params_t: Any
+    rollout_key: jax.Array
+    eval_key: jax.Array
+    eval_sets: list
+    grader: rewards.Grader
+    manager: Any
+
+
+def _train_config(cfg: RunConfig, models: Models, loss: str) -> ts.TrainConfig:
+    return ts.TrainConfig(student=models.config_s, teacher=models.config_t, optim=cfg.optim,
+                          top_k=cfg.rollout.top_k, chunk_size=cfg.train.chunk_size,
+                          eos=models.eos, remat_layers=cfg.model.remat_layers, loss=loss)
+
+
+def _rollout_spec(cfg: RunConfig, models: Models, behavior: str) -> RolloutSpec:
+    return RolloutSpec(behavior=behavior, max_new_tokens=cfg.rollout.max_new_tokens,
+                       eos=models.eos, student_eos_id=models.student_eos_id,
+                       teacher_eos_id=models.teacher_eos_id, top_k=cfg.rollout.top_k,
+                       solver=cfg.rollout.solver)
+
+
+def _needs_teacher(batch: ts.Batch, loss: str) -> bool:
+    return loss != "sft" and not batch.uses_stored_teacher
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_step(config: ts.TrainConfig, mesh: Mesh, needs_teacher: bool, batch_struct):
+    """One jitted step per (config, mesh, mode, batch structure), shared by every run in this
+    process (tests and sweeps run many short jobs; each would otherwise recompile)."""
+    state_sh = ts.state_shardings(config, mesh, _abstract_state(config))
+    params_t = jax.eval_shape(lambda: qwen3.init_params(config.teacher, jax.random.key(0)))
+    teacher_sh = ts.teacher_shardings(config, mesh, params_t) if needs_teacher else None
+    batch = jax.tree.unflatten(batch_struct[0], [jax.ShapeDtypeStruct(s, d)
+                                                 for s, d in batch_struct[1]])
+    return ts.jit_train_step(config, mesh=mesh, state_sharding=state_sh,
+                             batch_sharding=ts.batch_shardings(mesh, batch),
+                             teacher_sharding=teacher_sh)
+
+
+def _abstract_state(config: ts.TrainConfig) -> ts.TrainState:
+    def init():
+        params = qwen3.init_params(config.student, jax.random.key(0))
+        return ts.init_train_state(params, config, jax.random.key(0))
+    return jax.eval_shape(init)
+
+
+def _step_fn(run: _Run, loss: str, batch: ts.Batch):
+    leaves, treedef = jax.tree.flatten(batch)
+    struct = (treedef, tuple((x.shape, x.dtype) for x in leaves))
+    return _jitted_step(_train_config(run.cfg, run.models, loss), run.mesh,
+                        _needs_teacher(batch, loss), struct)
+
+
+def _examples_to_prompts(run: _Run, examples) -> tuple[Prompts, list]:
+    n = run.cfg.rollout.samples_per_prompt
+    rows = [e for e in examples for _ in range(n)]
+    width = run.cfg.rollout.prompt_length
+    longest = max(max(len(e.student_ids), len(e.teacher_ids or ())) for e in rows)
+    if width and longest > width:
+        raise ConfigError(f"rollout.prompt_length: a prompt has {longest} tokens > {width} "
+                          f"(problem {rows[0].index if len(rows) == 1 else 'in this batch'})")
+    buckets = (width,) if width else PROMPT_BUCKETS
+    prompts = data_lib.to_prompts(rows, run.models.pad_id_s, run.models.pad_id_t, buckets)
+    rows_sh = _rows_sharding(run.mesh, len(rows))
+    prompts = jax.tree.map(lambda x: jax.device_put(x, rows_sh), prompts)
+    return prompts, rows
+
+
+def _one_update(run: _Run, k: int, pool: concurrent.futures.ThreadPoolExecutor) -> dict:
+    cfg, models = run.cfg, run.models
+    plan = methods.plan_step(k, cfg.method)
+    t0 = time.perf_counter()
+    prompts, rows = _examples_to_prompts(run, next(run.stream))
+    knobs = make_knobs(eps=plan.eps, tau=plan.tau, skd_k=plan.skd_k, skd_tau_t=plan.skd_tau_t,
+                       temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
+    keys = row_keys(jax.random.fold_in(run.rollout_key, k), np.arange(len(rows)))
+    spec = _rollout_spec(cfg, models, plan.behavior)
+    with jax.set_mesh(run.mesh):
+        ro = rollout(run.state.params, run.params_t, prompts, keys, knobs,
+                     student_config=models.config_s, teacher_config=models.config_t, spec=spec)
+    ro_host = jax.device_get({f.name: getattr(ro, f.name) for f in dataclasses.fields(ro)})
+    t1 = time.perf_counter()
+
+    texts = evaluation.decode_responses(models.tokenizer_s, ro_host["tokens_bt"],
+                                        ro_host["lengths_b"], models.eos.stop_id)
+    answers = [e.answer for e in rows]
+    graded = pool.submit(run.grader.grade_batch, texts, answers, cfg.train.grader_timeout_s)
+
+    batch = make_batch(prompts, ro, plan)
+    step = _step_fn(run, plan.loss, batch)
+    t2 = time.perf_counter()
+    teacher = run.params_t if _needs_teacher(batch, plan.loss) else None
+    run.state, step_metrics = step(run.state, batch, teacher)
+    step_metrics = jax.device_get(step_metrics)
+    t3 = time.perf_counter()
+    rewards_b = np.asarray(graded.result(), np.float64)
+    t4 = time.perf_counter()
+
+    metrics = {key: float(v) for key, v in step_metrics.items() if np.ndim(v) == 0}
+    metrics.update(rollout_metrics(ro_host, plan, rewards_b, step_metrics))
+    tokens = float(ro_host["lengths_b"].sum())
+    metrics.update({
+        "behavior": plan.behavior, "loss_kind": plan.loss,
+        "time_rollout_s": t1 - t0, "time_update_s": t3 - t2,
+        # grading overlaps the update; this is the wait left after the update finished
+        "time_scoring_s": (t2 - t1) + (t4 - t3),
+        "tokens_per_s": tokens / (t4 - t0), "rollout_tokens_per_s": tokens / (t1 - t0),
+    })
+    return metrics
+
+
+def _evaluate(run: _Run, updates: int) -> dict[str, float]:
+    out = {}
+    ev, models = run.cfg.eval, run.models
+    for ds, (problems, answers) in run.eval_sets:
+        with jax.set_mesh(run.mesh):
+            res = evaluation.evaluate_dataset(
+                ds.name, problems, answers, params=run.state.params, config=models.config_s,
+                tokenizer=models.tokenizer_s, eos=models.eos, student_eos_id=models.student_eos_id,
+                grader=run.grader, rng=jax.random.fold_in(run.eval_key, updates),
+                num_samples=ev.num_samples, max_new_tokens=ev.max_new_tokens, ks=ev.ks,
+                temperature=ev.temperature, top_p=ev.top_p, batch_size=ev.batch_size,
+                system_prompt=run.cfg.data.system_prompt,
+                grade_timeout_s=run.cfg.train.grader_timeout_s)
+        out.update({f"{ds.name}/{key}": v for key, v in res.metrics.items()})
+    return out
+
+
+def _setup(cfg: RunConfig, workdir: str, grader: rewards.Grader) -> tuple[_Run, int]:
+    PREPARE[cfg.prepare](workdir)
+    models = load_models(cfg.model)
+    mesh = make_mesh(cfg.mesh)
+    train_cfg = _train_config(cfg, models, "opd")
+    root = jax.random.key(cfg.train.seed)
+    init_key, rollout_key, eval_key = jax.random.split(root, 3)
+
+    init = functools.partial(ts.init_train_state, config=train_cfg, rng=init_key)
+    abstract = jax.eval_shape(init, models.params_s)
+    state_sh = ts.state_shardings(train_cfg, mesh, abstract)
+    params_s = jax.device_put(models.params_s, state_sh.params)
+    params_t = jax.device_put(models.params_t,
+                              ts.teacher_shardings(train_cfg, mesh, models.params_t))
+    models = dataclasses.replace(models, params_s=None, params_t=None)  # one copy: in the state
+
+    manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"),
+                                         save_interval_steps=1,
+                                         max_to_keep=cfg.train.max_checkpoints)
+    latest = checkpointing.latest_step(manager)
+    stream_state = None
+    if latest is None:
+        state = jax.jit(init, out_shardings=state_sh)(params_s)
+        start = 0
+    else:
+        abstract_sh = checkpointing.abstract_target(abstract, state_sh)
+        state, extra = checkpointing.restore(manager, latest, abstract_sh)
+        stream_state = extra["stream"]
+        start = int(extra["updates"])
+    del params_s
+    stream = data_lib.make_stream(cfg.data, models.tokenizer_s, models.tokenizer_t,
+                                  batch_size=cfg.rollout.prompts_per_step, state=stream_state)
+    eval_sets = [(ds, evaluation.load_eval_problems(ds)) for ds in cfg.eval.datasets]
+    run = _Run(cfg=cfg, workdir=workdir, models=models, mesh=mesh, stream=stream,
+               state=state, params_t=params_t, rollout_key=rollout_key, eval_key=eval_key,
+               eval_sets=eval_sets, grader=grader, manager=manager)
+    return run, start
+
+
+def _save(run: _Run, updates: int) -> None:
+    checkpointing.save(run.manager, updates, run.state,
+                       {"updates": updates, "stream": run.stream.state_dict()})
+
+
+def train(cfg: RunConfig, workdir: str) -> list[dict[str, Any]]:
+    """Runs (or resumes) the job in `workdir`; returns the records logged by this call."""
+    os.makedirs(workdir, exist_ok=True)
+    total = methods.total_updates(cfg.method, cfg.train.num_steps)
+    primary = distributed.is_primary()
+    with rewards.Grader(cfg.train.grader_workers) as grader, \
+            concurrent.futures.ThreadPoolExecutor(1) as pool:
+        run, start = _setup(cfg, workdir, grader)
+        try:
+            return _loop(run, start, total, pool, primary)
+        finally:
+            run.manager.close()
+
+
+def _eval_due(cfg: RunConfig, done: int, total: int) -> bool:
+    if not cfg.eval.datasets:
+        return False
+    return done == 0 or done == total or bool(cfg.train.eval_every
+                                              and done % cfg.train.eval_every == 0)
+
+
+def _checkpoint_due(cfg: RunConfig, done: int, total: int) -> bool:
+    return done == total or bool(cfg.train.checkpoint_every
+                                 and done % cfg.train.checkpoint_every == 0)
+
+
+# Crash-safety testing: SIGKILL this process right after update N is logged (before any
+# checkpoint of it), as a preempted or OOM-killed job would die. Never set in normal runs.
+FAULT_ENV = "TRB_FAULT_KILL_AFTER_UPDATE"
+
+
+def _maybe_inject_crash(k: int) -> None:
+    if os.environ.get(FAULT_ENV) == str(k):
+        os.kill(os.getpid(), 9)
+
+
+def _loop(run: _Run, start: int, total: int, pool, primary: bool) -> list[dict[str, Any]]:
+    """Updates start..total-1. Every process computes; only the primary writes logs."""
+    cfg = run.cfg
+    resume = start if start > 0 else None
+    writer = eval_writer = bar = None
+    if primary:
+        writer = MetricWriter(run.workdir, "metrics", resume_step=resume)
+        if cfg.eval.datasets:
+            # eval at step s is of the state after s updates, written before checkpoint s
+            eval_writer = MetricWriter(run.workdir, "eval",
+                                       resume_step=None if resume is None else resume + 1)
+        if cfg.train.progress_bar:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, initial=start, desc="train", unit="update",
+                       dynamic_ncols=True)
+    logged = []
+    try:
+        if start == 0 and _eval_due(cfg, 0, total):
+            results = _evaluate(run, 0)
+            if eval_writer is not None:
+                eval_writer.write(0, results)
+        for k in range(start, total):
+            metrics = _one_update(run, k, pool)
+            done = k + 1
+            if writer is not None and (k % cfg.train.log_every == 0 or done == total):
+                logged.append(writer.write(k, metrics))
+            _maybe_inject_crash(k)
+            if _eval_due(cfg, done, total):
+                results = _evaluate(run, done)
+                if eval_writer is not None:
+                    eval_writer.write(done, results)
+            if _checkpoint_due(cfg, done, total):
+                _save(run, done)
+            if bar is not None:
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", reward=f"{metrics['reward']:.2f}")
+                bar.update(1)
+        checkpointing.wait(run.manager)
+    finally:
+        for closable in (bar, writer, eval_writer):
+            if closable is not None:
+                closable.close()
+    return logged
+
+
+def evaluate_run(cfg: RunConfig, workdir: str, *, step: int | None = None,
+                 student: str | None = None, seed: int = 0) -> tuple[dict[str, Any], str]:
+    """Evaluates a run's checkpoint (latest or `step`) or the HF checkpoint `student`.
+
+    Returns ({"datasets": {name: {"metrics", "correct_pn"}}, "source": ...}, tag).
+    """
+    PREPARE[cfg.prepare](workdir)
+    model_cfg = cfg.model if student is None else dataclasses.replace(
+        cfg.model, student=student, student_tokenizer=cfg.model.student_tokenizer or student)
+    models = load_models(model_cfg)
+    mesh = make_mesh(cfg.mesh)
+    if student is None:
+        train_cfg = _train_config(cfg, models, "opd")
+        init = functools.partial(ts.init_train_state, config=train_cfg, rng=jax.random.key(0))
+        abstract = jax.eval_shape(init, models.params_s)
+        manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"))
+        try:
+            step = checkpointing.latest_step(manager) if step is None else step
+            if step is None:
+                raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+            state, _ = checkpointing.restore(manager, step, checkpointing.abstract_target(
+                abstract, ts.state_shardings(train_cfg, mesh, abstract)))
+        finally:
+            manager.close()
+        params, tag, source = state.params, f"step_{step}", f"{workdir}/checkpoints/{step}"
+    else:
+        params, tag = models.params_s, os.path.basename(os.path.normpath(student))
+        source = student
+    ev = cfg.eval
+    out: dict[str, Any] = {"source": source, "num_samples": ev.num_samples, "datasets": {}}
+    with rewards.Grader(cfg.train.grader_workers) as grader, jax.set_mesh(mesh):
+        for ds in cfg.eval.datasets:
+            problems, answers = evaluation.load_eval_problems(ds)
+            res = evaluation.evaluate_dataset(
+                ds.name, problems, answers, params=params, config=models.config_s,
+                tokenizer=models.tokenizer_s, eos=models.eos,
+                student_eos_id=models.student_eos_id, grader=grader,
+                rng=jax.random.key(seed), num_samples=ev.num_samples,
+                max_new_tokens=ev.max_new_tokens, ks=ev.ks, temperature=ev.temperature,
+                top_p=ev.top_p, batch_size=ev.batch_size, system_prompt=cfg.data.system_prompt,
+                grade_timeout_s=cfg.train.grader_timeout_s)
+            out["datasets"][ds.name] = {"metrics": res.metrics,
+                                        "correct_pn": res.correct_pn.astype(int).tolist()}
+    return out, tag
+
