@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from trb_jax import data as data_lib
+from trb_jax import distributed
 from trb_jax import rewards
 from trb_jax.behaviors import make_knobs
 from trb_jax.blending import EosMap
@@ -47,8 +48,13 @@ def load_eval_problems(ds) -> tuple[list[str], list[str]]:
 def sample_responses(params, config: qwen3.Qwen3Config, prompt_ids: Sequence[Sequence[int]], *,
                      num_samples: int, spec: RolloutSpec, rng: jax.Array, pad_id: int,
                      temperature: float = 1.0, top_p: float = 1.0,
-                     batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Student samples: (tokens [P, n, T] int32, lengths [P, n]); stop written as stop_id."""
+                     batch_size: int = 64, place=lambda tree: tree
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Student samples: (tokens [P, n, T] int32, lengths [P, n]); stop written as stop_id.
+
+    place: maps the host prompt arrays (ids, mask) onto devices (the trainer passes a
+    batch-sharded `jax.device_put` over its mesh; every process holds the same host rows).
+    """
     if spec.behavior != "student":
         raise ValueError(f"evaluation samples the student; spec.behavior is {spec.behavior!r}")
     rows = [(p, j) for p in range(len(prompt_ids)) for j in range(num_samples)]
@@ -64,9 +70,10 @@ def sample_responses(params, config: qwen3.Qwen3Config, prompt_ids: Sequence[Seq
         ids, mask = pad_prompts([prompt_ids[p] for p, _ in padded], pad_id=pad_id,
                                 buckets=(width,))
         row_ids = np.arange(start, start + chunk, dtype=np.int64)
-        out = rollout(params, None, Prompts(ids, mask), row_keys(rng, row_ids), knobs,
+        prompts = Prompts(*place((ids, mask)))
+        out = rollout(params, None, prompts, row_keys(rng, row_ids), knobs,
                       student_config=config, teacher_config=None, spec=spec)
-        toks, lens = jax.device_get((out.tokens_bt, out.lengths_b))
+        toks, lens = distributed.fetch(out.tokens_bt), distributed.fetch(out.lengths_b)
         for i, (p, j) in enumerate(part):
             tokens[p, j], lengths[p, j] = toks[i], lens[i]
     return tokens, lengths
@@ -88,7 +95,7 @@ def evaluate_dataset(name: str, problems: Sequence[str], answers: Sequence[str],
                      max_new_tokens: int, ks: Sequence[int] = (1,), temperature: float = 1.0,
                      top_p: float = 1.0, batch_size: int = 64,
                      system_prompt: str = data_lib.DEFAULT_SYSTEM_PROMPT,
-                     grade_timeout_s: float = 5.0) -> EvalResult:
+                     grade_timeout_s: float = 5.0, place=lambda tree: tree) -> EvalResult:
     """pass@1 (mean correctness over n samples, averaged over problems) and unbiased pass@k."""
     spec = RolloutSpec(behavior="student", max_new_tokens=max_new_tokens, eos=eos,
                        student_eos_id=student_eos_id, teacher_eos_id=student_eos_id)
@@ -96,7 +103,7 @@ def evaluate_dataset(name: str, problems: Sequence[str], answers: Sequence[str],
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else student_eos_id
     tokens, lengths = sample_responses(
         params, config, prompt_ids, num_samples=num_samples, spec=spec, rng=rng, pad_id=pad_id,
-        temperature=temperature, top_p=top_p, batch_size=batch_size)
+        temperature=temperature, top_p=top_p, batch_size=batch_size, place=place)
     n = num_samples
     texts = decode_responses(tokenizer, tokens.reshape(-1, max_new_tokens), lengths.reshape(-1),
                              eos.stop_id)

@@ -299,18 +299,31 @@ def _step_fn(run: _Run, loss: str, batch: ts.Batch):
 
 
 def _examples_to_prompts(run: _Run, examples) -> tuple[Prompts, list]:
+    """All rows (every process walks the same stream) -> global prompt arrays built from each
+    process's own block of rows (`distributed.process_row_slice`)."""
     n = run.cfg.rollout.samples_per_prompt
     rows = [e for e in examples for _ in range(n)]
     width = run.cfg.rollout.prompt_length
     longest = max(max(len(e.student_ids), len(e.teacher_ids or ())) for e in rows)
     if width and longest > width:
-        raise ConfigError(f"rollout.prompt_length: a prompt has {longest} tokens > {width} "
-                          f"(problem {rows[0].index if len(rows) == 1 else 'in this batch'})")
+        raise ConfigError(f"rollout.prompt_length: a prompt has {longest} tokens > {width}")
     buckets = (width,) if width else PROMPT_BUCKETS
-    prompts = data_lib.to_prompts(rows, run.models.pad_id_s, run.models.pad_id_t, buckets)
+    local = rows[distributed.process_row_slice(len(rows))]
+    prompts = data_lib.to_prompts(local, run.models.pad_id_s, run.models.pad_id_t, buckets)
     rows_sh = _rows_sharding(run.mesh, len(rows))
-    prompts = jax.tree.map(lambda x: jax.device_put(x, rows_sh), prompts)
+    prompts = distributed.global_batch_from_local(prompts, jax.tree.map(lambda _: rows_sh, prompts))
     return prompts, rows
+
+
+def _placer(mesh: Mesh):
+    """Host arrays identical on every process -> rows split over the mesh's batch axes."""
+    def place(tree):
+        return jax.tree.map(lambda x: jax.device_put(x, _rows_sharding(mesh, x.shape[0])), tree)
+    return place
+
+
+def _fetch_tree(tree):
+    return jax.tree.map(distributed.fetch, tree)
 
 
 def _one_update(run: _Run, k: int, pool: concurrent.futures.ThreadPoolExecutor) -> dict:
@@ -325,7 +338,7 @@ def _one_update(run: _Run, k: int, pool: concurrent.futures.ThreadPoolExecutor) 
     with jax.set_mesh(run.mesh):
         ro = rollout(run.state.params, run.params_t, prompts, keys, knobs,
                      student_config=models.config_s, teacher_config=models.config_t, spec=spec)
-    ro_host = jax.device_get({f.name: getattr(ro, f.name) for f in dataclasses.fields(ro)})
+    ro_host = _fetch_tree({f.name: getattr(ro, f.name) for f in dataclasses.fields(ro)})
     t1 = time.perf_counter()
 
     texts = evaluation.decode_responses(models.tokenizer_s, ro_host["tokens_bt"],
@@ -338,7 +351,7 @@ def _one_update(run: _Run, k: int, pool: concurrent.futures.ThreadPoolExecutor) 
     t2 = time.perf_counter()
     teacher = run.params_t if _needs_teacher(batch, plan.loss) else None
     run.state, step_metrics = step(run.state, batch, teacher)
-    step_metrics = jax.device_get(step_metrics)
+    step_metrics = _fetch_tree(step_metrics)
     t3 = time.perf_counter()
     rewards_b = np.asarray(graded.result(), np.float64)
     t4 = time.perf_counter()
@@ -368,7 +381,7 @@ def _evaluate(run: _Run, updates: int) -> dict[str, float]:
                 num_samples=ev.num_samples, max_new_tokens=ev.max_new_tokens, ks=ev.ks,
                 temperature=ev.temperature, top_p=ev.top_p, batch_size=ev.batch_size,
                 system_prompt=run.cfg.data.system_prompt,
-                grade_timeout_s=run.cfg.train.grader_timeout_s)
+                grade_timeout_s=run.cfg.train.grader_timeout_s, place=_placer(run.mesh))
         out.update({f"{ds.name}/{key}": v for key, v in res.metrics.items()})
     return out
 
@@ -377,6 +390,9 @@ def _setup(cfg: RunConfig, workdir: str, grader: rewards.Grader) -> tuple[_Run, 
     PREPARE[cfg.prepare](workdir)
     models = load_models(cfg.model)
     mesh = make_mesh(cfg.mesh)
+    if jax.process_count() > 1 and not cfg.rollout.prompt_length:
+        raise ConfigError("rollout.prompt_length: multi-process runs need a fixed prompt width "
+                          "(every process pads its own rows to the same shape)")
     train_cfg = _train_config(cfg, models, "opd")
     root = jax.random.key(cfg.train.seed)
     init_key, rollout_key, eval_key = jax.random.split(root, 3)
@@ -538,7 +554,7 @@ def evaluate_run(cfg: RunConfig, workdir: str, *, step: int | None = None,
                 rng=jax.random.key(seed), num_samples=ev.num_samples,
                 max_new_tokens=ev.max_new_tokens, ks=ev.ks, temperature=ev.temperature,
                 top_p=ev.top_p, batch_size=ev.batch_size, system_prompt=cfg.data.system_prompt,
-                grade_timeout_s=cfg.train.grader_timeout_s)
+                grade_timeout_s=cfg.train.grader_timeout_s, place=_placer(mesh))
             out["datasets"][ds.name] = {"metrics": res.metrics,
                                         "correct_pn": res.correct_pn.astype(int).tolist()}
     return out, tag
