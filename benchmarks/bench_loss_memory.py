@@ -1,15 +1,23 @@
-"""Peak memory of the LM head + top-k reverse KL loss and its gradient: chunked vs naive.
+"""Peak memory of the LM head + top-k reverse KL loss and its gradient: custom VJP vs remat vs naive.
 
     JAX_PLATFORMS=cpu python benchmarks/bench_loss_memory.py                      # memory table
+    JAX_PLATFORMS=cpu python benchmarks/bench_loss_memory.py --impls vjp --merge  # some rows only
     JAX_PLATFORMS=cpu python benchmarks/bench_loss_memory.py --mode-timing         # stored vs teacher step
 
 Memory: inputs are hidden states x [1, T, D] and an unembedding W [D, V] (no final norm), with
 the rollout-style stored top-k ids and teacher log-probs [1, T, k]; the loss is the masked mean
-top-k reverse KL, differentiated w.r.t. x and W. `chunked` is trb_jax.train_step.chunked_topk_kl
-(lax.map over T-chunks under jax.checkpoint); `naive` materialises the [T, V] float32 logits.
-Each (impl, T) runs in a fresh subprocess, which reports the peak RSS (VmHWM and ru_maxrss)
-after one jitted value_and_grad call, and XLA's own buffer accounting of the compiled program
-(arguments + outputs + temporaries). Results -> benchmarks/results/loss_memory.json.
+top-k reverse KL, differentiated w.r.t. x and W. Implementations:
+  vjp    trb_jax.train_step.chunked_token_loss (what the train step runs): a no-gradient
+         lax.map over T-chunks, then a custom VJP looping over (T-chunk, V-slice) logits tiles
+         with dW written slice by slice into one loop-carried buffer;
+  remat  trb_jax.train_step.chunked_topk_kl: lax.map over T-chunks under jax.checkpoint
+         (the train step's loss before the custom VJP; called `chunked` in older results);
+  naive  materialises the [T, V] float32 logits.
+Each (impl, T) runs in a fresh subprocess, which reports XLA's own buffer accounting of the
+compiled program (arguments + outputs + temporaries) and, after one jitted value_and_grad call,
+the process's resident memory: just before the call (VmRSS: the runtime, the inputs) and its
+peak during the call (VmHWM, reset to VmRSS through /proc/self/clear_refs before the call).
+Results -> benchmarks/results/loss_memory.json (--merge: replace only the rows run now).
 
 --mode-timing: one train step in the stored mode (the rollout's teacher top-k log-probs, no
 teacher forward) vs the teacher mode (batched teacher forward) on a small config with the full
@@ -31,6 +39,14 @@ import time
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def _peak_rss_mb() -> tuple[float, float]:
     hwm = 0.0
     with open("/proc/self/status") as f:
@@ -47,7 +63,7 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def worker(impl: str, t: int, d: int, v: int, k: int, chunk: int, run: bool) -> dict:
+def worker(impl: str, t: int, d: int, v: int, k: int, chunk: int, vocab_chunk: int, run: bool) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -70,7 +86,15 @@ def worker(impl: str, t: int, d: int, v: int, k: int, chunk: int, run: bool) -> 
     inputs_rss = _peak_rss_mb()[0]
     _reset_peak()
 
-    def chunked(x_btd, w_dv):
+    def vjp(x_btd, w_dv):
+        per_bt, _ = train_step.chunked_token_loss(
+            train_step.LinearHead(w_dv), x_btd, jnp.zeros((1, t), jnp.int32), loss="opd",
+            chunk_size=chunk, vocab_chunk_size=vocab_chunk, top_k=k,
+            topk_ids_btk=ids_btk, topk_teacher_logprob_btk=lp_btk,
+        )  # fmt: skip
+        return losses.masked_mean(per_bt, mask_bt)
+
+    def remat(x_btd, w_dv):
         per_bt, _ = train_step.chunked_topk_kl(
             lambda x: jnp.einsum("btd,dv->btv", x, w_dv), x_btd, chunk_size=chunk, top_k=k,
             topk_ids_btk=ids_btk, topk_teacher_logprob_btk=lp_btk,
@@ -82,24 +106,29 @@ def worker(impl: str, t: int, d: int, v: int, k: int, chunk: int, run: bool) -> 
         log_s = jnp.take_along_axis(logp_btv, ids_btk, axis=-1)
         return losses.masked_mean(losses.topk_reverse_kl_from_log_probs(log_s, lp_btk), mask_bt)
 
-    fn = jax.jit(jax.value_and_grad({"chunked": chunked, "naive": naive}[impl], argnums=(0, 1)))
+    fn = jax.jit(jax.value_and_grad({"vjp": vjp, "remat": remat, "naive": naive}[impl], argnums=(0, 1)))
     compiled = fn.lower(x_btd, w_dv).compile()
     out_compiled_rss = _peak_rss_mb()[0]
     _reset_peak()
     ma = compiled.memory_analysis()
     out = {
-        "impl": impl, "T": t, "D": d, "V": v, "k": k, "chunk": chunk if impl == "chunked" else None,
+        "impl": impl, "T": t, "D": d, "V": v, "k": k, "chunk": None if impl == "naive" else chunk,
+        "vocab_chunk": vocab_chunk if impl == "vjp" else None,
         "peak_rss_inputs_mb": round(inputs_rss, 1),
         "peak_rss_compile_mb": round(out_compiled_rss, 1),
         "xla_argument_mb": round(ma.argument_size_in_bytes / 2**20, 1),
         "xla_output_mb": round(ma.output_size_in_bytes / 2**20, 1),
         "xla_temp_mb": round(ma.temp_size_in_bytes / 2**20, 1),
     }  # fmt: skip
+    out["xla_total_mb"] = round(out["xla_argument_mb"] + out["xla_output_mb"] + out["xla_temp_mb"], 1)
     if run:
+        _reset_peak()
+        out["rss_before_call_mb"] = round(_rss_mb(), 1)
         start = time.perf_counter()
         jax.block_until_ready(compiled(x_btd, w_dv))
         out["seconds"] = round(time.perf_counter() - start, 2)
         out["peak_rss_mb"], out["ru_maxrss_mb"] = (round(x, 1) for x in _peak_rss_mb())
+        out["call_rss_increase_mb"] = round(out["peak_rss_mb"] - out["rss_before_call_mb"], 1)
     return out
 
 
@@ -163,6 +192,9 @@ def main() -> None:
     ap.add_argument("--v", type=int, default=151_936)
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--chunk", type=int, default=128)
+    ap.add_argument("--vocab-chunk", type=int, default=8192)
+    ap.add_argument("--impls", default="vjp,remat,naive")
+    ap.add_argument("--merge", action="store_true", help="keep the other rows of the existing JSON")
     ap.add_argument("--no-run", action="store_true", help="XLA buffer accounting only, no execution")
     ap.add_argument("--mode-timing", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
@@ -170,7 +202,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         impl, t = args.worker[0], int(args.worker[1])
-        print(json.dumps(worker(impl, t, args.d, args.v, args.k, args.chunk, not args.no_run)))
+        print(json.dumps(worker(impl, t, args.d, args.v, args.k, args.chunk, args.vocab_chunk, not args.no_run)))
         return
     RESULTS.mkdir(exist_ok=True)
     command = "JAX_PLATFORMS=cpu python " + " ".join(sys.argv)
@@ -181,27 +213,35 @@ def main() -> None:
         return
     rows = []
     for t in (int(x) for x in args.ts.split(",")):
-        for impl in ("chunked", "naive"):
-            run = not args.no_run and (impl == "chunked" or t <= args.naive_max_t)
+        for impl in args.impls.split(","):
+            run = not args.no_run and (impl != "naive" or t <= args.naive_max_t)
             cmd = [sys.executable, __file__, "--worker", impl, str(t), "--d", str(args.d), "--v", str(args.v),
-                   "--k", str(args.k), "--chunk", str(args.chunk)] + ([] if run else ["--no-run"])  # fmt: skip
+                   "--k", str(args.k), "--chunk", str(args.chunk), "--vocab-chunk", str(args.vocab_chunk)]
+            cmd += [] if run else ["--no-run"]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 rows.append({"impl": impl, "T": t, "error": proc.stderr[-2000:]})
             else:
                 rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
+    path = RESULTS / "loss_memory.json"
+    if args.merge and path.exists():
+        new = {(r["impl"], r["T"]) for r in rows}
+        old = [{**r, "impl": "remat" if r["impl"] == "chunked" else r["impl"]}  # the old name
+               for r in json.loads(path.read_text())["results"]]
+        old = [r for r in old if (r["impl"], r["T"]) not in new]
+        rows = sorted(old + rows, key=lambda r: (r["T"], ["vjp", "remat", "naive"].index(r["impl"])))
     result = {"machine": machine(), "command": command, "results": rows}
-    (RESULTS / "loss_memory.json").write_text(json.dumps(result, indent=2) + "\n")
-    print("\n| impl | T | peak RSS MB of the call (VmHWM) | ru_maxrss MB (whole process) | XLA args+out+temp MB | s |")
-    print("|---|---|---|---|---|---|")
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print("\n| impl | T | XLA args+out+temp MiB | RSS before call MiB | peak RSS in call MiB | increase MiB | s |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['impl']} | {r['T']} | error | | | |")
+            print(f"| {r['impl']} | {r['T']} | error | | | | |")
             continue
         xla = r["xla_argument_mb"] + r["xla_output_mb"] + r["xla_temp_mb"]
-        print(f"| {r['impl']} | {r['T']} | {r.get('peak_rss_mb', 'not run')} | {r.get('ru_maxrss_mb', '')} | "
-              f"{xla:.1f} | {r.get('seconds', '')} |")  # fmt: skip
+        print(f"| {r['impl']} | {r['T']} | {xla:.1f} | {r.get('rss_before_call_mb', '')} | "
+              f"{r.get('peak_rss_mb', 'not run')} | {r.get('call_rss_increase_mb', '')} | {r.get('seconds', '')} |")  # fmt: skip
 
 
 if __name__ == "__main__":

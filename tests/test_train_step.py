@@ -68,10 +68,10 @@ def make_batch(seed=0, b=B):
     )
 
 
-def config(chunk_size=3, eos=EOS, **optim):
+def config(chunk_size=3, eos=EOS, loss="opd", **optim):
     optim = ts.OptimConfig(**{"peak_lr": 1e-2, "decay_steps": 100, **optim})
     return ts.TrainConfig(student=STUDENT, teacher=TEACHER, optim=optim, top_k=K,
-                          chunk_size=chunk_size, eos=eos)  # fmt: skip
+                          chunk_size=chunk_size, eos=eos, loss=loss)  # fmt: skip
 
 
 PARAMS_S = random_params(STUDENT, 1)
@@ -101,7 +101,8 @@ def reference_loss(params_s, batch, teacher_logits_bsv=None):
 
 def chunked_loss(params_s, batch, cfg):
     """The step's loss through the chunked path (teacher forward when the batch needs it)."""
-    tx = ts.teacher_response_hidden(PARAMS_T, cfg, batch) if not batch.uses_stored_teacher else None
+    needs_teacher = ts.LOSS_KINDS[cfg.loss].needs_teacher and not batch.uses_stored_teacher
+    tx = ts.teacher_response_hidden(PARAMS_T, cfg, batch) if needs_teacher else None
     return ts.loss_fn(params_s, batch, tx, PARAMS_T, cfg)[0]
 
 
@@ -217,6 +218,21 @@ def test_stored_mode_step_equals_teacher_mode_step():
     assert_trees_close(state_a.params, state_b.params)
     assert float(m_a["num_tokens"]) == float(np.asarray(batch.response_mask_bt).sum())
     assert step.jitted._cache_size() == 2  # one program per mode
+    # Per-row metrics [B] against float64 from the full logits (the stored mode has no teacher
+    # distribution: NaN there).
+    np_s, np_t = _np_response_log_probs(batch)
+    tok = np.asarray(batch.input_ids_bs)[:, -T:]
+    tok = np.where(np.isin(tok, EOS.eos_ids), EOS.stop_id, tok)
+    mask = np.asarray(batch.response_mask_bt, np.float64)
+    row = lambda x: (x * mask).sum(-1) / mask.sum(-1)
+    pick = lambda lp: np.take_along_axis(lp, tok[..., None], -1)[..., 0]
+    entropy = -(np.exp(np_t) * np.where(np.isfinite(np_t), np_t, 0.0)).sum(-1)
+    for name, want in (("student_logprob_b", row(pick(np_s))), ("teacher_logprob_b", row(pick(np_t))),
+                       ("teacher_entropy_b", row(entropy))):  # fmt: skip
+        assert m_b[name].shape == (B,) and m_b[name].dtype == jnp.float32
+        np.testing.assert_allclose(m_b[name], want, rtol=1e-5, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(m_a["student_logprob_b"], m_b["student_logprob_b"], rtol=1e-5)
+    assert np.isnan(m_a["teacher_logprob_b"]).all() and np.isnan(m_a["teacher_entropy_b"]).all()
 
 
 def test_only_response_tokens_count():
@@ -301,6 +317,184 @@ def test_bad_inputs_raise_clear_errors():
         step(state, batch.replace(teacher_input_ids_bs=batch.teacher_input_ids_bs[:, -T:],
                                   teacher_attention_mask_bs=batch.teacher_attention_mask_bs[:, -T:]), PARAMS_T)  # fmt: skip
     assert not state.params["embed_vd"].is_deleted()  # a rejected batch does not consume the state
+
+
+# ------------------------------------------------------------------------------------------
+# The LM head's custom VJP, the loss kinds (opd / veto / sft) and the per-row metrics
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_custom_vjp_head_equals_remat_path_and_full_logits(tied):
+    """Both modes, EOS-merged; T = 11 with chunk 4 (padded last chunk) and V = 128 in slices of 48
+    (the last slice overlaps the previous one) or 128. Tied: the teacher's vocab-major head."""
+    cfg_h, params_h = (TEACHER, PARAMS_T) if tied else (STUDENT, PARAMS_S)
+    d = cfg_h.hidden_size
+    rng = np.random.default_rng(9)
+    x_btd = jnp.asarray(rng.normal(size=(3, 11, d)), jnp.float32)
+    xt_btd = jnp.asarray(rng.normal(size=(3, 11, 48)), jnp.float32)
+    mask_bt = jnp.asarray(rng.random((3, 11)) < 0.8)
+    head = ts.lm_head(params_h, cfg_h)
+    assert head.vocab_major == tied
+    teacher = ts.lm_head(PARAMS_T, TEACHER)
+    ids = losses.topk_support(merge_eos(head(x_btd), EOS), K)
+    ids = ids.at[0, 0, -1].set(3)  # the merged stop event on the support (EOS gradient path)
+    stored_lp = jnp.take_along_axis(jax.nn.log_softmax(merge_eos(teacher(xt_btd), EOS), axis=-1), ids, axis=-1)
+    tokens = jnp.zeros((3, 11), jnp.int32)
+
+    def reference(head, x, mode):  # full [B, T, V] logits, plain autodiff
+        log_s = jax.nn.log_softmax(merge_eos(head(x), EOS), axis=-1)
+        if mode == "stored":
+            per = losses.topk_reverse_kl_from_log_probs(jnp.take_along_axis(log_s, ids, axis=-1), stored_lp)
+        else:
+            per = losses.topk_reverse_kl(merge_eos(head(x), EOS), merge_eos(teacher(xt_btd), EOS), k=K)
+        return losses.masked_mean(per, mask_bt)
+
+    def remat(head, x, mode):  # the lax.map + jax.checkpoint path (before the custom VJP)
+        src = (dict(topk_ids_btk=ids, topk_teacher_logprob_btk=stored_lp) if mode == "stored" else
+               dict(teacher_head=teacher, teacher_x_btd=xt_btd))  # fmt: skip
+        return losses.masked_mean(ts.chunked_topk_kl(head, x, chunk_size=4, top_k=K, eos=EOS, **src)[0], mask_bt)
+
+    def vjp(head, x, mode, vocab_chunk):
+        src = (dict(topk_ids_btk=ids, topk_teacher_logprob_btk=stored_lp) if mode == "stored" else
+               dict(teacher=teacher, teacher_x_btd=xt_btd))  # fmt: skip
+        per, _ = ts.chunked_token_loss(head, x, tokens, chunk_size=4, vocab_chunk_size=vocab_chunk,
+                                       top_k=K, eos=EOS, **src)  # fmt: skip
+        return losses.masked_mean(per, mask_bt)
+
+    for mode in ("stored", "teacher"):
+        want, want_g = jax.jit(jax.value_and_grad(reference, argnums=(0, 1)), static_argnums=2)(head, x_btd, mode)
+        refs = [(want, want_g)]
+        if mode == "stored":  # the remat path equals the full-logits one in both modes (test above)
+            refs.append(jax.jit(jax.value_and_grad(remat, argnums=(0, 1)), static_argnums=2)(head, x_btd, mode))
+        assert float(want) > 0.05
+        for vocab_chunk in ((48,) if tied else (48, 128)):
+            got, got_g = jax.jit(jax.value_and_grad(vjp, argnums=(0, 1)), static_argnums=(2, 3))(head, x_btd, mode, vocab_chunk)
+            for ref, ref_g in refs:
+                np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6, err_msg=f"{mode} {vocab_chunk}")
+                for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(ref_g)):
+                    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(np.abs(w).max()))
+
+
+def _np_log_softmax_merged(logits):
+    """float64 NumPy: EOS merge (stop slot = logsumexp of the EOS logits, others -inf), log-softmax."""
+    z = np.asarray(logits, np.float64).copy()
+    e = list(EOS.eos_ids)
+    top = z[..., e].max(-1, keepdims=True)
+    stop = (top + np.log(np.exp(z[..., e] - top).sum(-1, keepdims=True)))[..., 0]
+    z[..., e] = -np.inf
+    z[..., EOS.stop_id] = stop
+    top = z.max(-1, keepdims=True)
+    return z - (top + np.log(np.exp(z - top).sum(-1, keepdims=True)))
+
+
+def _np_response_log_probs(batch):
+    s, st = batch.input_ids_bs.shape[1], batch.teacher_input_ids_bs.shape[1]
+    ls = full_logits(PARAMS_S, STUDENT, batch.input_ids_bs, batch.attention_mask_bs)[:, s - T - 1 : s - 1]
+    lt = full_logits(PARAMS_T, TEACHER, batch.teacher_input_ids_bs, batch.teacher_attention_mask_bs)[:, st - T - 1 : st - 1]
+    return _np_log_softmax_merged(ls), _np_log_softmax_merged(lt)
+
+
+def _np_veto(log_s, log_t, ids, mask, alpha):
+    """float64: KL(pi_S || q_alpha) on the support, both renormalised there, token mean."""
+    def renorm(lp):
+        top = lp.max(-1, keepdims=True)
+        return lp - (top + np.log(np.exp(lp - top).sum(-1, keepdims=True)))
+
+    s_k = renorm(np.take_along_axis(log_s, ids, -1))
+    q_k = renorm((1 - alpha) * np.take_along_axis(log_s, ids, -1) + alpha * np.take_along_axis(log_t, ids, -1))
+    per = (np.exp(s_k) * (s_k - q_k)).sum(-1)
+    return (per * mask).sum() / mask.sum()
+
+
+def test_veto_loss_bridge_alpha_one_is_opd_zero_is_zero_and_float64_reference():
+    """At the head (hidden states in), both modes; alpha is a traced argument throughout."""
+    rng = np.random.default_rng(10)
+    x_btd = jnp.asarray(rng.normal(size=(3, 11, 32)), jnp.float32)
+    xt_btd = jnp.asarray(rng.normal(size=(3, 11, 48)), jnp.float32)
+    mask_bt = jnp.asarray(rng.random((3, 11)) < 0.8)
+    head, teacher = ts.lm_head(PARAMS_S, STUDENT), ts.lm_head(PARAMS_T, TEACHER)
+    np_s = _np_log_softmax_merged(head(x_btd))
+    np_t = _np_log_softmax_merged(teacher(xt_btd))
+    ids = np.asarray(losses.topk_support(merge_eos(head(x_btd), EOS), K))
+    stored_lp = jnp.asarray(np.take_along_axis(np_t, ids, -1), jnp.float32)
+    tokens, mask = jnp.zeros((3, 11), jnp.int32), np.asarray(mask_bt, np.float64)
+
+    def loss(head, x, alpha, kind, stored):
+        src = (dict(topk_ids_btk=jnp.asarray(ids), topk_teacher_logprob_btk=stored_lp) if stored else
+               dict(teacher=teacher, teacher_x_btd=xt_btd))  # fmt: skip
+        per, _ = ts.chunked_token_loss(head, x, tokens, loss=kind, chunk_size=4, vocab_chunk_size=48,
+                                       top_k=K, eos=EOS, target_alpha=alpha, **src)  # fmt: skip
+        return losses.masked_mean(per, mask_bt)
+
+    loss = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=(3, 4))
+    for stored in (True, False):
+        want, want_g = loss(head, x_btd, None, "opd", stored)
+        got, got_g = loss(head, x_btd, jnp.float32(1.0), "veto", stored)
+        # alpha = 1: the same operations on the same numbers; XLA fuses the two programs
+        # differently, so float32 sums may differ in the last bits (seen: 2e-7 relative).
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+        assert_trees_close(got_g, want_g, tol=1e-6)
+        zero, zero_g = loss(head, x_btd, jnp.float32(0.0), "veto", stored)
+        assert float(zero) == 0.0
+        assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(zero_g)) < 1e-6
+        for alpha in (0.3, 0.8):
+            got = loss(head, x_btd, jnp.float32(alpha), "veto", stored)[0]
+            np.testing.assert_allclose(float(got), _np_veto(np_s, np_t, ids, mask, alpha), rtol=1e-5)
+            assert 0.0 < float(got) < alpha * float(want)  # KL(p || q_alpha) <= alpha KL(p || t)
+
+
+def test_veto_alpha_is_traced_and_required():
+    cfg = config(3, loss="veto")
+    stored = stored_batch(make_batch(11))
+    step = ts.jit_train_step(cfg)
+    state = fresh_state(cfg)
+    for alpha in (0.2, 0.5, 1.0):
+        state, metrics = step(state, stored.replace(target_alpha=jnp.float32(alpha)))
+        assert np.isfinite(float(metrics["loss"]))
+    assert step.jitted._cache_size() == 1
+    with pytest.raises(ValueError, match="needs Batch.target_alpha"):
+        step(state, stored)
+    with pytest.raises(ValueError, match="needs Batch.target_alpha"):
+        step(state, stored.replace(target_alpha=jnp.ones((2,), jnp.float32)))
+    with pytest.raises(ValueError, match="loss must be one of"):
+        config(3, loss="kl")
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    sh = ts.batch_shardings(mesh, stored.replace(target_alpha=jnp.float32(0.5)))
+    assert sh.target_alpha.spec == jax.sharding.PartitionSpec()
+
+
+def test_sft_loss_equals_float64_nll_and_needs_no_teacher():
+    batch = make_batch(12)
+    ids = np.asarray(batch.input_ids_bs).copy()
+    ids[1][ids[1] == 3] = 7  # a teacher-native EOS in the student's sequence: still the stop event
+    counted = ids[:, -T:][np.asarray(batch.response_mask_bt)]
+    assert (counted == 7).any() and (counted == 3).any()  # both a native and a foreign EOS count
+    batch = batch.replace(input_ids_bs=jnp.asarray(ids))
+    cfg = config(3, loss="sft")
+    sft = ts.Batch(input_ids_bs=batch.input_ids_bs, attention_mask_bs=batch.attention_mask_bs,
+                   response_mask_bt=batch.response_mask_bt)  # fmt: skip
+    got, got_g = jax.jit(jax.value_and_grad(chunked_loss), static_argnums=2)(PARAMS_S, sft, cfg)
+    np_s, _ = _np_response_log_probs(batch)
+    tok = ids[:, -T:].copy()
+    tok[np.isin(tok, EOS.eos_ids)] = EOS.stop_id
+    mask = np.asarray(batch.response_mask_bt, np.float64)
+    want = -(np.take_along_axis(np_s, tok[..., None], -1)[..., 0] * mask).sum() / mask.sum()
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+    def reference(params):  # full logits, plain autodiff
+        s = batch.input_ids_bs.shape[1]
+        lp = jax.nn.log_softmax(full_logits(params, STUDENT, sft.input_ids_bs, sft.attention_mask_bs)[:, s - T - 1 : s - 1])
+        return losses.masked_mean(-jnp.take_along_axis(lp, jnp.asarray(tok)[..., None], -1)[..., 0], sft.response_mask_bt)
+
+    assert_trees_close(got_g, jax.jit(jax.grad(reference))(PARAMS_S))
+    step = ts.jit_train_step(cfg)
+    state, metrics = step(fresh_state(cfg), sft)  # no teacher params, no teacher fields
+    np.testing.assert_allclose(metrics["loss"], got, rtol=1e-6)
+    rows = (np.take_along_axis(np_s, tok[..., None], -1)[..., 0] * mask).sum(-1) / mask.sum(-1)
+    np.testing.assert_allclose(metrics["student_logprob_b"], rows, rtol=1e-5)
+    assert np.isnan(metrics["teacher_logprob_b"]).all() and np.isnan(metrics["teacher_entropy_b"]).all()
+    with pytest.raises(ValueError, match="uses no teacher"):
+        step(state, stored_batch(make_batch(12)))
 
 
 # ------------------------------------------------------------------------------------------

@@ -16,10 +16,18 @@ column c - 1, so both models' predictions for response token j are their hidden 
 P - 1 + j and P' - 1 + j: the alignment needs only the widths, no per-row offsets. `_bt`
 names below are response-window aligned [B, T]; full sequences are `_bs` [B, S = P + T].
 
-Memory: logits exist one chunk at a time. Hidden states [B, T, D] are computed once per model;
-`lax.map` over T-chunks runs unembed -> (EOS merge) -> log_softmax -> gather under
-`jax.checkpoint`, so the backward pass recomputes one chunk's logits instead of keeping
-[B, T, V] float32 residuals.
+Loss kinds (`TrainConfig.loss`, the `LOSS_KINDS` table): "opd" (top-k reverse KL to the
+teacher), "veto" (top-k reverse KL to the bridge q_alpha ∝ sg(pi_S)^(1-alpha) pi_T^alpha, alpha
+traced in `Batch.target_alpha`), "sft" (NLL of the response tokens; no teacher). Each is a small
+per-token function of the student's log-probs at a support, the teacher's there and alpha.
+
+Memory: logits exist one [B, chunk, V] chunk at a time. Hidden states [B, T, D] are computed
+once per model. `score_response` maps over T-chunks without gradient (unembed -> EOS merge ->
+log_softmax -> support ids, log-probs there, logsumexp, metrics); `response_log_probs` gives the
+student's log-probs at the support their gradient through a custom VJP whose backward loops over
+(T-chunk, V-slice) tiles, recomputing one tile of logits at a time and writing the head's weight
+gradient slice by slice into one loop-carried buffer (which XLA updates in place). Loss + grad
+then needs W, dW and O(B * chunk * V_slice) temporaries, not a second dW accumulator.
 """
 
 from __future__ import annotations
@@ -70,6 +78,8 @@ class TrainConfig:
     eos: the rollout's EosMap; both models' logits are EOS-merged before the log-softmax, as
       the rollout did when it recorded the top-k ids and teacher log-probs. None: no merge.
     remat_layers: checkpoint each decoder layer of the student forward (long sequences).
+    loss: a key of `LOSS_KINDS`: "opd" (default), "veto" (needs `Batch.target_alpha`), "sft".
+    vocab_chunk_size: vocabulary columns per tile of the LM head's backward pass.
     """
 
     student: qwen3.Qwen3Config
@@ -80,8 +90,16 @@ class TrainConfig:
     renormalize: bool = True
     eos: EosMap | None = None
     remat_layers: bool = False
+    loss: str = "opd"
+    vocab_chunk_size: int = 8192
 
     def __post_init__(self):
+        if self.loss not in LOSS_KINDS:
+            raise ValueError(f"loss must be one of {sorted(LOSS_KINDS)}, got {self.loss!r}")
+        if self.loss == "veto" and not self.renormalize:
+            raise ValueError("loss='veto' renormalises over the top-k support: needs renormalize=True")
+        if self.vocab_chunk_size <= 0:
+            raise ValueError(f"vocab_chunk_size must be positive, got {self.vocab_chunk_size}")
         if self.chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive number of positions, got {self.chunk_size}")
         if not 1 <= self.top_k <= self.student.vocab_size:
@@ -114,6 +132,8 @@ class Batch:
       teacher's log-probs there (stored mode).
     teacher_input_ids_bs / teacher_attention_mask_bs: [B, S'] the teacher's own
       [prompt | same response] sequence (teacher mode); its last T columns are the response.
+    target_alpha: float32 [] the Veto bridge coefficient (loss="veto" only; traced, so an
+      annealed alpha does not recompile). Ignored by the other losses.
     """
 
     input_ids_bs: jax.Array
@@ -123,6 +143,7 @@ class Batch:
     topk_teacher_logprob_btk: jax.Array | None = None
     teacher_input_ids_bs: jax.Array | None = None
     teacher_attention_mask_bs: jax.Array | None = None
+    target_alpha: jax.Array | None = None
 
     @property
     def uses_stored_teacher(self) -> bool:
@@ -175,8 +196,24 @@ def check_batch(batch: Batch, config: TrainConfig, teacher_params: Params | None
             f"response window T={t} must be >= 1 and shorter than the sequence S={s} "
             "(at least one prompt token precedes the response)"
         )
+    kind = LOSS_KINDS[config.loss]
+    if kind.needs_alpha:
+        alpha = batch.target_alpha
+        if alpha is None or jnp.shape(alpha) != () or not jnp.issubdtype(jnp.result_type(alpha), jnp.floating):
+            got = None if alpha is None else f"shape {jnp.shape(alpha)} dtype {jnp.result_type(alpha)}"
+            raise ValueError(
+                f"loss={config.loss!r} needs Batch.target_alpha, a float32 [] scalar (the bridge "
+                f"coefficient, traced), got {got}"
+            )
     stored = batch.topk_ids_btk is not None or batch.topk_teacher_logprob_btk is not None
     scored = batch.teacher_input_ids_bs is not None or batch.teacher_attention_mask_bs is not None
+    if not kind.needs_teacher:
+        if stored or scored:
+            raise ValueError(
+                f"loss={config.loss!r} uses no teacher: the batch must carry neither the top-k "
+                "teacher scores (topk_*) nor the teacher's sequence (teacher_*)"
+            )
+        return
     if stored == scored:
         raise ValueError(
             "a batch carries either the rollout's top-k teacher scores (topk_ids_btk, "
@@ -307,6 +344,326 @@ def chunked_topk_kl(
 
 
 # ---------------------------------------------------------------------------------------------
+# Loss kinds: one small per-token function each, chosen by `TrainConfig.loss`
+
+
+def _renormalise(log_p_k: jax.Array) -> jax.Array:
+    return log_p_k - jax.nn.logsumexp(log_p_k, axis=-1, keepdims=True)
+
+
+def _scaled(a: jax.Array, log_p: jax.Array) -> jax.Array:
+    """a * log_p with 0 * (-inf) = 0 (a token outside one side's support)."""
+    return jnp.where(a == 0, 0.0, a * log_p)
+
+
+def opd_token_loss(log_s_btk, log_t_btk, alpha, *, renormalize: bool) -> jax.Array:
+    """KL(pi_S || pi_T) on the support (the paper's OPD loss), per token [B, T]."""
+    del alpha
+    return losses.topk_reverse_kl_from_log_probs(log_s_btk, log_t_btk, renormalize=renormalize)
+
+
+def veto_token_loss(log_s_btk, log_t_btk, alpha, *, renormalize: bool) -> jax.Array:
+    """KL(pi_S || q_alpha) on the support, q_alpha ∝ sg(pi_S)^(1 - alpha) pi_T^alpha renormalised
+    over the support (the Veto target-side bridge), per token [B, T]. alpha = 1 is the OPD loss
+    (the same operations on the same numbers; XLA may fuse the two programs differently, ~1e-7
+    relative); alpha = 0 is exactly 0 (q = sg(pi_S)) with zero gradient."""
+    if not renormalize:
+        raise ValueError("the veto loss renormalises over the top-k support: needs renormalize=True")
+    a = jnp.asarray(alpha, jnp.float32)
+    log_s = log_s_btk.astype(jnp.float32)
+    log_t = jax.lax.stop_gradient(log_t_btk.astype(jnp.float32))
+    log_q = _scaled(1.0 - a, jax.lax.stop_gradient(log_s)) + _scaled(a, log_t)
+    return losses.kl_from_log_probs(_renormalise(log_s), _renormalise(log_q))
+
+
+def sft_token_loss(log_s_bt1, log_t_bt1, alpha, *, renormalize: bool) -> jax.Array:
+    """-log pi_S(response token) per token [B, T] (EOS-merged: a stop scores the stop event)."""
+    del log_t_bt1, alpha, renormalize
+    return -log_s_bt1[..., 0].astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossKind:
+    """per_token(log_s_btm, log_t_btm | None, alpha | None, *, renormalize) -> [B, T].
+
+    support: "topk" (the student's top-k ids: the rollout's, or chosen per chunk in the teacher
+    mode) or "sampled" (the response token itself, m = 1).
+    """
+
+    per_token: Callable[..., jax.Array]
+    support: str
+    needs_teacher: bool
+    needs_alpha: bool = False
+
+
+LOSS_KINDS: dict[str, LossKind] = {
+    "opd": LossKind(opd_token_loss, support="topk", needs_teacher=True),
+    "veto": LossKind(veto_token_loss, support="topk", needs_teacher=True, needs_alpha=True),
+    "sft": LossKind(sft_token_loss, support="sampled", needs_teacher=False),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The LM head with a memory-lean backward pass
+
+
+@flax.struct.dataclass
+class LinearHead:
+    """logits = rms_norm(x; norm_d) @ W in float32, as `qwen3.unembed` (norm_d None: no norm).
+
+    w: [D, V], or [V, D] with vocab_major=True (a tied embedding).
+    """
+
+    w: jax.Array
+    norm_d: jax.Array | None = None
+    vocab_major: bool = flax.struct.field(pytree_node=False, default=False)
+    norm_eps: float = flax.struct.field(pytree_node=False, default=1e-6)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.w.shape[0 if self.vocab_major else 1]
+
+    @property
+    def vocab_axis(self) -> int:
+        return 0 if self.vocab_major else 1
+
+    def normed(self, x_bcd: jax.Array) -> jax.Array:
+        return x_bcd if self.norm_d is None else qwen3.rms_norm(x_bcd, self.norm_d, self.norm_eps)
+
+    def logits_from_normed(self, xn_bcd: jax.Array, w: jax.Array | None = None) -> jax.Array:
+        """float32 logits [B, C, V'] for the columns in w (default: all of W)."""
+        w = self.w if w is None else w
+        eq = "bcd,vd->bcv" if self.vocab_major else "bcd,dv->bcv"
+        return jnp.einsum(eq, xn_bcd, w.astype(xn_bcd.dtype)).astype(jnp.float32)
+
+    def __call__(self, x_bcd: jax.Array) -> jax.Array:
+        return self.logits_from_normed(self.normed(x_bcd))
+
+
+def lm_head(params: Params, config: qwen3.Qwen3Config) -> LinearHead:
+    """The model's final norm + LM head (tied: the embedding, vocab-major) as a LinearHead."""
+    if config.tie_word_embeddings:
+        return LinearHead(params["embed_vd"], params["final_norm_d"], True, config.rms_norm_eps)
+    return LinearHead(params["lm_head_dv"], params["final_norm_d"], False, config.rms_norm_eps)
+
+
+def _stop_ids(tokens: jax.Array, eos: EosMap | None) -> jax.Array:
+    """Any native EOS id -> the merged stop slot (where the EOS-merged log-probs keep it)."""
+    if eos is None:
+        return tokens
+    return jnp.where(jnp.isin(tokens, jnp.asarray(eos.eos_ids, tokens.dtype)), eos.stop_id, tokens)
+
+
+def _entropy(log_p_bcv: jax.Array) -> jax.Array:
+    return -jnp.sum(jnp.exp(log_p_bcv) * jnp.where(jnp.isfinite(log_p_bcv), log_p_bcv, 0.0), axis=-1)
+
+
+def score_response(
+    student: LinearHead,
+    x_btd: jax.Array,
+    tokens_bt: jax.Array,
+    *,
+    support: str,
+    chunk_size: int,
+    top_k: int = losses.DEFAULT_TOP_K,
+    eos: EosMap | None = None,
+    topk_ids_btk: jax.Array | None = None,
+    topk_teacher_logprob_btk: jax.Array | None = None,
+    teacher: LinearHead | None = None,
+    teacher_x_btd: jax.Array | None = None,
+) -> dict[str, jax.Array]:
+    """Everything the losses and metrics need from the logits, one [B, chunk, V] chunk at a time.
+
+    No gradient flows through it (`response_log_probs` attaches the student's). tokens_bt: the
+    response tokens (student-side ids; any native EOS scores the merged stop event). Teacher
+    log-probs come stored (`topk_*`: the support is the stored ids) or from `teacher` at
+    `teacher_x_btd`, or not at all (then the teacher outputs are NaN). Returns [B, T, ...]:
+      ids_btm, log_s_btm (student log-probs at the support; m = top_k, or 1 for "sampled"),
+      log_t_btm (teacher's there; NaN without a teacher), lse_bt / eos_lse_bt (logsumexp of the
+      raw student logits over the vocabulary / over eos.eos_ids: the backward pass's softmax),
+      student_topk_mass_bt, student_logprob_bt, teacher_logprob_bt, teacher_entropy_bt.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive number of positions, got {chunk_size}")
+    if support not in ("topk", "sampled"):
+        raise ValueError(f"support must be 'topk' or 'sampled', got {support!r}")
+    stored = topk_ids_btk is not None
+    if stored and teacher is not None:
+        raise ValueError("give either the stored top-k teacher log-probs or a teacher head")
+    if stored and (topk_teacher_logprob_btk is None or support != "topk"):
+        raise ValueError("topk_ids_btk needs topk_teacher_logprob_btk and the top-k support")
+    if teacher is not None and teacher_x_btd is None:
+        raise ValueError("a teacher head needs teacher_x_btd")
+    student, x_btd = jax.lax.stop_gradient((student, x_btd))
+    b, t = x_btd.shape[:2]
+    chunk = min(chunk_size, t)
+    n = -(-t // chunk)
+    xs = {"x": x_btd, "tok": _stop_ids(tokens_bt, eos)}
+    if stored:
+        xs.update(ids=topk_ids_btk, log_t=topk_teacher_logprob_btk.astype(jnp.float32))
+    if teacher is not None:
+        teacher, xs["xt"] = jax.lax.stop_gradient((teacher, teacher_x_btd))
+    xs = {key: _chunks(value, chunk, n) for key, value in xs.items()}
+
+    def one_chunk(c):
+        z_bcv = student(c["x"])
+        log_s_bcv = _log_probs(z_bcv, eos)
+        tok_bc1 = c["tok"][..., None]
+        if stored:
+            ids = c["ids"]
+            mass_bc = jnp.sum(jnp.exp(jnp.take_along_axis(log_s_bcv, ids, axis=-1)), axis=-1)
+        else:
+            top_bck, top_ids = jax.lax.top_k(log_s_bcv, top_k)  # ties: lower id first
+            ids = top_ids if support == "topk" else tok_bc1
+            mass_bc = jnp.sum(jnp.exp(top_bck), axis=-1)
+        nan_bc = jnp.full(tok_bc1.shape[:2], jnp.nan, jnp.float32)
+        out = {
+            "ids_btm": ids,
+            "log_s_btm": jnp.take_along_axis(log_s_bcv, ids, axis=-1),
+            "lse_bt": jax.nn.logsumexp(z_bcv, axis=-1),
+            "eos_lse_bt": (jax.nn.logsumexp(z_bcv[..., jnp.asarray(eos.eos_ids)], axis=-1)
+                           if eos is not None else jnp.zeros_like(nan_bc)),  # fmt: skip
+            "student_topk_mass_bt": mass_bc,
+            "student_logprob_bt": jnp.take_along_axis(log_s_bcv, tok_bc1, axis=-1)[..., 0],
+            "teacher_logprob_bt": nan_bc,
+            "teacher_entropy_bt": nan_bc,
+            "log_t_btm": jnp.full(ids.shape, jnp.nan, jnp.float32),
+        }
+        if stored:
+            out["log_t_btm"] = c["log_t"]
+        if teacher is not None:
+            log_t_bcv = _log_probs(teacher(c["xt"]), eos)
+            out["log_t_btm"] = jnp.take_along_axis(log_t_bcv, ids, axis=-1)
+            out["teacher_logprob_bt"] = jnp.take_along_axis(log_t_bcv, tok_bc1, axis=-1)[..., 0]
+            out["teacher_entropy_bt"] = _entropy(log_t_bcv)
+        return out
+
+    return {key: _unchunk(value, t) for key, value in jax.lax.map(one_chunk, xs).items()}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _log_probs_at(chunk, vocab_chunk, eos, head, x_btd, ids_btm, log_s_btm, lse_bt, eos_lse_bt):
+    """Returns log_s_btm (computed by `score_response`) with the gradient of
+    log_softmax(merge_eos(head(x)))[ids] w.r.t. head and x."""
+    del chunk, vocab_chunk, eos, head, x_btd, ids_btm, lse_bt, eos_lse_bt
+    return log_s_btm
+
+
+def _log_probs_at_fwd(chunk, vocab_chunk, eos, head, x_btd, ids_btm, log_s_btm, lse_bt, eos_lse_bt):
+    return log_s_btm, (head, x_btd, ids_btm, lse_bt, eos_lse_bt)
+
+
+def _log_probs_at_bwd(chunk, vocab_chunk, eos, residuals, g_btm):
+    """d/dz of log p(a) = [a] - softmax(z): the cotangent of the logits z is sparse (at the ids,
+    and with EOS merging at every native EOS id e, weighted exp(z_e - eos_lse)) minus the dense
+    softmax term sum_j g_j * p. Tiles of [B, chunk, vocab_chunk] logits are recomputed; dW's
+    slices are read, added to and written back in one loop carry, which XLA updates in place."""
+    head, x_btd, ids_btm, lse_bt, eos_lse_bt = residuals
+    b, t, d = x_btd.shape
+    v, v_axis = head.vocab_size, head.vocab_axis
+    vc = min(vocab_chunk, v)
+    n_v = -(-v // vc)
+    c = min(chunk, t)
+    n = -(-t // c)
+    xn_btd, norm_vjp = jax.vjp(lambda x, nd: head.replace(norm_d=nd).normed(x), x_btd, head.norm_d)
+    g_btm = g_btm.astype(jnp.float32)
+    total_bt = jnp.sum(g_btm, axis=-1)
+    sparse_ids, sparse_g = ids_btm, g_btm
+    if eos is not None:
+        if eos.stop_id not in eos.eos_ids:
+            raise ValueError(f"EosMap.stop_id {eos.stop_id} must be one of its eos_ids {eos.eos_ids}")
+        e_ids = jnp.asarray(eos.eos_ids, ids_btm.dtype)
+        # A non-stop native EOS slot is a constant -inf after the merge: no gradient.
+        sparse_g = jnp.where(jnp.isin(ids_btm, e_ids), 0.0, g_btm)
+        stop_g_bt = jnp.sum(jnp.where(ids_btm == eos.stop_id, g_btm, 0.0), axis=-1)
+        z_bte = head.logits_from_normed(xn_btd, jnp.take(head.w, e_ids, axis=v_axis))
+        e_weight_bte = jnp.exp(z_bte - eos_lse_bt[..., None])
+        sparse_ids = jnp.concatenate([ids_btm, jnp.broadcast_to(e_ids, (b, t, len(eos.eos_ids)))], -1)
+        sparse_g = jnp.concatenate([sparse_g, stop_g_bt[..., None] * e_weight_bte], -1)
+    pad = lambda a: jnp.pad(a, [(0, 0), (0, n * c - t)] + [(0, 0)] * (a.ndim - 2))
+    xn_p, total_p, lse_p, ids_p, sg_p = map(pad, (xn_btd, total_bt, lse_bt, sparse_ids, sparse_g))
+    bi = jnp.arange(b)[:, None, None]
+    ci = jnp.arange(c)[None, :, None]
+    dw_eq, dx_eq = ("bcd,bcv->vd", "bcv,vd->bcd") if head.vocab_major else ("bcd,bcv->dv", "bcv,dv->bcd")
+
+    def t_body(i, carry):
+        dw, dxn = carry
+        xn_c, tot_c, lse_c, sid_c, sg_c = (
+            jax.lax.dynamic_slice_in_dim(a, i * c, c, axis=1) for a in (xn_p, total_p, lse_p, ids_p, sg_p)
+        )  # fmt: skip
+
+        def v_body(j, inner):
+            dw, dxn_c = inner
+            lo = j * vc  # columns [lo, lo + vc) are this slice's; the last one is shifted left
+            start = jnp.minimum(lo, v - vc)
+            w_s = jax.lax.dynamic_slice_in_dim(head.w, start, vc, axis=v_axis)
+            z_bcv = head.logits_from_normed(xn_c, w_s)
+            fresh_v = start + jnp.arange(vc) >= lo  # not yet done by the previous slice
+            gz_bcv = jnp.where(fresh_v, -tot_c[..., None] * jnp.exp(z_bcv - lse_c[..., None]), 0.0)
+            local = sid_c - start
+            local = jnp.where((sid_c >= lo) & (local < vc), local, vc)  # vc: dropped
+            gz_bcv = gz_bcv.at[bi, ci, local].add(sg_c, mode="drop")
+            dw_s = jnp.einsum(dw_eq, xn_c.astype(jnp.float32), gz_bcv)
+            old = jax.lax.dynamic_slice_in_dim(dw, start, vc, axis=v_axis)
+            dw = jax.lax.dynamic_update_slice_in_dim(dw, old + dw_s.astype(dw.dtype), start, axis=v_axis)
+            return dw, dxn_c + jnp.einsum(dx_eq, gz_bcv, w_s.astype(jnp.float32))
+
+        dw, dxn_c = jax.lax.fori_loop(0, n_v, v_body, (dw, jnp.zeros((b, c, d), jnp.float32)))
+        return dw, jax.lax.dynamic_update_slice_in_dim(dxn, dxn_c, i * c, axis=1)
+
+    dw, dxn = jax.lax.fori_loop(
+        0, n, t_body, (jnp.zeros_like(head.w), jnp.zeros((b, n * c, d), jnp.float32))
+    )
+    dx_btd, dnorm_d = norm_vjp(dxn[:, :t].astype(xn_btd.dtype))
+    return head.replace(w=dw, norm_d=dnorm_d), dx_btd, None, None, None, None
+
+
+_log_probs_at.defvjp(_log_probs_at_fwd, _log_probs_at_bwd)
+
+
+def response_log_probs(
+    head: LinearHead, x_btd: jax.Array, scores: dict[str, jax.Array], *, chunk_size: int,
+    vocab_chunk_size: int = 8192, eos: EosMap | None = None,
+) -> jax.Array:  # fmt: skip
+    """The student's EOS-merged log-probs at `scores["ids_btm"]` [B, T, m], differentiable
+    w.r.t. head and x_btd. The values are `scores["log_s_btm"]` (from `score_response` on the
+    same head and x); the backward pass recomputes [B, chunk_size, vocab_chunk_size] logits
+    tiles and never holds [B, T, V] nor a second dW."""
+    return _log_probs_at(
+        chunk_size, vocab_chunk_size, eos, head, x_btd, scores["ids_btm"], scores["log_s_btm"],
+        scores["lse_bt"], scores["eos_lse_bt"],
+    )  # fmt: skip
+
+
+def chunked_token_loss(
+    student: LinearHead,
+    x_btd: jax.Array,
+    tokens_bt: jax.Array,
+    *,
+    loss: str = "opd",
+    chunk_size: int,
+    vocab_chunk_size: int = 8192,
+    top_k: int = losses.DEFAULT_TOP_K,
+    renormalize: bool = True,
+    eos: EosMap | None = None,
+    target_alpha: jax.Array | None = None,
+    **teacher_source,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Per-token loss [B, T] of kind `loss` and the per-token scores (see `score_response`).
+
+    teacher_source: topk_ids_btk + topk_teacher_logprob_btk (stored), or teacher +
+    teacher_x_btd (a LinearHead and its hidden states), or nothing (loss="sft").
+    """
+    kind = LOSS_KINDS[loss]
+    scores = score_response(student, x_btd, tokens_bt, support=kind.support, chunk_size=chunk_size,
+                            top_k=top_k, eos=eos, **teacher_source)  # fmt: skip
+    log_s_btm = response_log_probs(student, x_btd, scores, chunk_size=chunk_size,
+                                   vocab_chunk_size=vocab_chunk_size, eos=eos)  # fmt: skip
+    per_bt = kind.per_token(log_s_btm, scores["log_t_btm"], target_alpha, renormalize=renormalize)
+    return per_bt, scores
+
+
+# ---------------------------------------------------------------------------------------------
 # The step
 
 
@@ -323,39 +680,54 @@ def loss_fn(
     params: Params, batch: Batch, teacher_x_btd: jax.Array | None, teacher_params: Params | None,
     config: TrainConfig,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:  # fmt: skip
-    """Masked token-mean top-k reverse KL over the response, and auxiliary metrics."""
+    """Masked token mean of the `config.loss` per-token loss over the response, and metrics.
+
+    Metrics: student_topk_mass (scalar) and per-row [B] float32 token means over the response
+    (0 for a row with no response token): student_logprob_b (log pi_S of the response tokens,
+    before the update), teacher_logprob_b (log pi_T of the same tokens) and teacher_entropy_b
+    (entropy of the EOS-merged teacher distribution); the teacher ones are NaN where no teacher
+    distribution is computed (stored mode, sft).
+    """
     t = batch.response_mask_bt.shape[1]
     x_bsd = hidden_states(params, config.student, batch.input_ids_bs, batch.attention_mask_bs,
                           remat=config.remat_layers)  # fmt: skip
-    common = dict(chunk_size=config.chunk_size, top_k=config.top_k,
-                  renormalize=config.renormalize, eos=config.eos)  # fmt: skip
-    if batch.uses_stored_teacher:
-        kl_bt, mass_bt = chunked_topk_kl(
-            qwen3_head(params, config.student), response_hidden(x_bsd, t), **common,
-            topk_ids_btk=batch.topk_ids_btk,
-            topk_teacher_logprob_btk=batch.topk_teacher_logprob_btk,
-        )  # fmt: skip
+    if not LOSS_KINDS[config.loss].needs_teacher:
+        source = {}
+    elif batch.uses_stored_teacher:
+        source = dict(topk_ids_btk=batch.topk_ids_btk, topk_teacher_logprob_btk=batch.topk_teacher_logprob_btk)
     else:
-        kl_bt, mass_bt = chunked_topk_kl(
-            qwen3_head(params, config.student), response_hidden(x_bsd, t), **common,
-            teacher_head=qwen3_head(teacher_params, config.teacher), teacher_x_btd=teacher_x_btd,
-        )  # fmt: skip
+        source = dict(teacher=lm_head(teacher_params, config.teacher), teacher_x_btd=teacher_x_btd)
+    per_bt, scores = chunked_token_loss(
+        lm_head(params, config.student), response_hidden(x_bsd, t), batch.input_ids_bs[:, -t:],
+        loss=config.loss, chunk_size=config.chunk_size, vocab_chunk_size=config.vocab_chunk_size,
+        top_k=config.top_k, renormalize=config.renormalize, eos=config.eos,
+        target_alpha=batch.target_alpha, **source,
+    )  # fmt: skip
     mask_bt = batch.response_mask_bt
-    loss = losses.masked_mean(kl_bt, mask_bt)
-    return loss, {"student_topk_mass": losses.masked_mean(mass_bt, mask_bt)}
+    m_bt = mask_bt.astype(jnp.float32)
+    count_b = jnp.maximum(jnp.sum(m_bt, axis=-1), 1.0)
+
+    def row_mean(x_bt):  # masked positions never count (a NaN there neither)
+        return jnp.sum(jnp.where(m_bt > 0, x_bt, 0.0) * m_bt, axis=-1) / count_b
+
+    aux = {"student_topk_mass": losses.masked_mean(scores["student_topk_mass_bt"], mask_bt)}
+    for name in ("student_logprob", "teacher_logprob", "teacher_entropy"):
+        aux[f"{name}_b"] = row_mean(scores[f"{name}_bt"])
+    return losses.masked_mean(per_bt, mask_bt), aux
 
 
 def train_step(
     state: TrainState, batch: Batch, teacher_params: Params | None = None, *, config: TrainConfig
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One AdamW step on the top-k reverse KL of the response tokens. Pure; jit via `jit_train_step`.
+    """One AdamW step on the `config.loss` loss of the response tokens. Pure; jit via `jit_train_step`.
 
-    Metrics (float32 scalars): loss (before the update), grad_norm (before clipping),
-    learning_rate (of this update), num_tokens (response tokens counted), student_topk_mass.
+    Metrics: float32 scalars loss (before the update), grad_norm (before clipping),
+    learning_rate (of this update), num_tokens (response tokens counted), student_topk_mass;
+    float32 [B] student_logprob_b, teacher_logprob_b, teacher_entropy_b (see `loss_fn`).
     """
     check_batch(batch, config, teacher_params)
     teacher_x_btd = None
-    if not batch.uses_stored_teacher:
+    if LOSS_KINDS[config.loss].needs_teacher and not batch.uses_stored_teacher:
         # The teacher is frozen: its forward runs outside value_and_grad, once for the batch.
         teacher_x_btd = teacher_response_hidden(teacher_params, config, batch)
     tx, schedule = make_optimizer(config.optim)
@@ -400,6 +772,8 @@ def batch_shardings(mesh: Mesh, batch: Batch) -> Batch:
     mesh_shape = dict(mesh.shape)
 
     def one(x):
+        if x.ndim == 0:  # target_alpha
+            return NamedSharding(mesh, PartitionSpec())
         axes = ("batch", "length") + (None,) * (x.ndim - 2)
         return NamedSharding(mesh, sharding.logical_to_spec(axes, x.shape, mesh_shape))
 
