@@ -29,6 +29,8 @@ __all__ = [
     "RunConfig",
     "base_config",
     "to_run_config",
+    "load_config_file",
+    "repo_config_path",
 ]
 
 
@@ -308,3 +310,25 @@ def to_run_config(cd: ml_collections.ConfigDict, *, workdir: str | None = None) 
 
     return RunConfig(prepare=str(cd.prepare), model=model, data=data, rollout=rollout,
                      method=method, optim=optim, train=train, eval=ev, mesh=mesh)
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of a config file (what --config=PATH[:ARG] does on the command line)."""
+    import importlib.util
+    import os
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location(
+        "trb_config_" + os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def repo_config_path(name: str) -> str:
+    """configs/<name>.py of this checkout (the configs live next to the package)."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(root, "configs", f"{name}.py")

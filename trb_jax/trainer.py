@@ -227,7 +227,7 @@ def _prepare_smoke(workdir: str) -> None:
 def _prepare_toy(workdir: str) -> None:
     from trb_jax.toy import build
 
-    build.ensure_toy_world(os.path.join(workdir, "toy"))
+    build.ensure_toy_world()  # the shipped world (or the cached build); configs/toy.py paths
 
 
 PREPARE = {"": lambda workdir: None, "smoke": _prepare_smoke, "toy": _prepare_toy}

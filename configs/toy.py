@@ -1,0 +1,55 @@
+"""Toy math world (trb_jax/toy): OPD of a weak Base student from a strong chat teacher on CPU.
+
+    python -m trb_jax.train --config=configs/toy.py:method=trb --workdir=/tmp/toy_trb
+    python -m trb_jax.train --config=configs/toy.py:method=vanilla,seed=3 --workdir=/tmp/toy_v3
+
+Args (comma separated key=value): method (any of trb_jax.methods.METHODS, default trb), seed
+(the run seed: rollout sampling and prompt order; default 0). The models and data are the ones
+shipped in trb_jax/toy/assets (rebuilt by `python -m trb_jax.toy.build`, see docs/toy.md).
+Used by the README's main job (trb_jax.toy.demo) and the reproduction scripts in experiments/.
+"""
+
+from trb_jax.config import base_config
+from trb_jax.toy import build
+
+
+def get_config(arg: str | None = None):
+    options = dict(kv.split("=", 1) for kv in arg.split(",")) if arg else {}
+    world = build.world_paths(build.ASSETS_DIR)
+    seed = int(options.pop("seed", 0))
+    config = base_config()
+    config.prepare = "toy"
+    config.model.student = str(world.student_dir)
+    config.model.teacher = str(world.teacher_dir)
+    config.data.source = str(world.train_jsonl)
+    config.data.system_prompt = build.DEFAULT_BUILD.system_prompt
+    config.data.shuffle_seed = seed
+    config.rollout.prompts_per_step = 16
+    config.rollout.samples_per_prompt = 2
+    config.rollout.max_new_tokens = build.MAX_NEW_TOKENS
+    config.rollout.prompt_length = 64
+    config.method.name = options.pop("method", "trb")
+    config.method.eps0 = 0.1
+    config.method.warmup_steps = 50
+    config.method.skd_k = 15
+    config.method.skd_tau_t = 0.2
+    config.method.tau0 = 0.9
+    config.method.sft_steps = 10
+    config.method.beta_start = 0.5
+    config.optim.peak_lr = 3e-3
+    config.optim.warmup_steps = 5
+    config.optim.decay_steps = 150
+    config.optim.end_lr_fraction = 0.1
+    config.train.num_steps = 150
+    config.train.seed = seed
+    config.train.checkpoint_every = 50
+    config.train.eval_every = 25
+    config.train.chunk_size = 48
+    config.eval.datasets.toy_test = dict(source=str(world.test_jsonl), max_examples=128)
+    config.eval.num_samples = 2
+    config.eval.max_new_tokens = build.MAX_NEW_TOKENS
+    config.eval.batch_size = 128
+    if options:
+        raise ValueError(f"configs/toy.py: unknown argument(s) {sorted(options)}; "
+                         "known: method, seed")
+    return config

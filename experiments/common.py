@@ -1,0 +1,69 @@
+"""Shared helpers of the reproduction scripts: run one toy training job, collect its numbers.
+
+Every script here runs many short jobs in ONE process, so the compiled rollout and train-step
+programs are shared between runs (a fresh process per run would spend most of its time
+compiling). Each run is an ordinary trb_jax.train workdir (metrics.jsonl, eval.jsonl,
+checkpoints); a finished run is skipped when a script is re-run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from trb_jax import config as config_lib  # noqa: E402
+from trb_jax import methods, trainer  # noqa: E402
+from trb_jax.metric_writer import read_jsonl  # noqa: E402
+
+DEFAULT_OUT = os.path.join(ROOT, "runs", "experiments")
+
+
+def toy_config(method: str, seed: int, overrides: dict[str, Any] | None = None):
+    """configs/toy.py:method=...,seed=... with dotted-path overrides {"optim.peak_lr": 1e-3}."""
+    cd = config_lib.load_config_file(config_lib.repo_config_path("toy"),
+                                     f"method={method},seed={seed}")
+    for path, value in (overrides or {}).items():
+        node = cd
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    cd.train.progress_bar = False
+    return cd
+
+
+def run(name: str, method: str, seed: int, overrides: dict[str, Any] | None = None,
+        out: str = DEFAULT_OUT) -> str:
+    """Trains (or skips, if finished) one toy run in OUT/NAME; returns its workdir."""
+    workdir = os.path.join(out, name)
+    cd = toy_config(method, seed, overrides)
+    cfg = config_lib.to_run_config(cd, workdir=workdir)
+    total = methods.total_updates(cfg.method, cfg.train.num_steps)
+    done = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    if done and done[-1]["step"] == total - 1 and os.path.exists(
+            os.path.join(workdir, "checkpoints", str(total))):
+        return workdir
+    start = time.perf_counter()
+    trainer.train(cfg, workdir)
+    print(f"[{name}] {total} updates in {time.perf_counter() - start:.0f} s", flush=True)
+    return workdir
+
+
+def final_eval(workdir: str) -> dict[str, Any]:
+    return read_jsonl(os.path.join(workdir, "eval.jsonl"))[-1]
+
+
+def pass_key(record: dict[str, Any]) -> str:
+    return next(k for k in record if k.endswith("/pass@1"))
+
+
+def write_json(path: str, payload: Any) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)

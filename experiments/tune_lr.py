@@ -1,0 +1,34 @@
+"""Short tuning of the toy OPD learning rate and batch (seed 0, vanilla and TRB), which chose
+configs/toy.py's defaults. Writes benchmarks/../docs numbers via experiments/results/tune_lr.json.
+
+    python experiments/tune_lr.py
+"""
+
+from __future__ import annotations
+
+import os
+
+import common
+
+GRID = [
+    {"optim.peak_lr": 1e-3, "rollout.prompts_per_step": 32},
+    {"optim.peak_lr": 3e-3, "rollout.prompts_per_step": 32},
+    {"optim.peak_lr": 3e-4, "rollout.prompts_per_step": 32},
+]
+
+
+def main() -> None:
+    rows = []
+    for i, overrides in enumerate(GRID):
+        for method in ("vanilla", "trb"):
+            w = common.run(f"tune/{method}_{i}", method, 0, overrides)
+            evals = common.read_jsonl(os.path.join(w, "eval.jsonl"))
+            key = common.pass_key(evals[0])
+            rows.append({"method": method, **overrides,
+                         "pass@1": [(e["step"], e[key]) for e in evals]})
+            print(rows[-1], flush=True)
+    common.write_json(os.path.join(common.ROOT, "experiments", "results", "tune_lr.json"), rows)
+
+
+if __name__ == "__main__":
+    main()
