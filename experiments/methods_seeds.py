@@ -1,0 +1,70 @@
+"""Every warmup method x seeds on the toy world: mean +- 95% CI curves and final pass@1.
+
+    python experiments/methods_seeds.py [--seeds 5] [--methods vanilla,trb,...]
+
+Runs configs/toy.py:method=M,seed=S for every pair (same budget: num_steps OPD updates each;
+sft_warmup adds its SFT updates before them), all in this process (shared compiled programs).
+Writes experiments/results/methods_seeds.json (per run: pass@1 at every evaluation, mean reward
+over the last 25 updates, teacher log-prob over the warmup) and docs/img/methods_seeds.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+
+import common
+from trb_jax import methods, plotting
+
+ALL = ("vanilla", "trb", "fixed_eps", "skd", "temperature", "sft_warmup", "veto")
+
+
+def summary(workdir: str, warmup: int) -> dict:
+    evals = common.read_jsonl(os.path.join(workdir, "eval.jsonl"))
+    m = common.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    key = common.pass_key(evals[0])
+    return {"pass@1": {e["step"]: e[key] for e in evals},
+            "final_pass@1": evals[-1][key],
+            "reward_last25": float(np.mean([r["reward"] for r in m[-25:]])),
+            "teacher_logprob_warmup": float(np.mean([r["teacher_logprob"] for r in m[:warmup]]))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--methods", default=",".join(ALL))
+    args = ap.parse_args()
+    names = args.methods.split(",")
+    runs: dict[str, list[str]] = {m: [] for m in names}
+    results = {}
+    for seed in range(args.seeds):  # seed-major: partial results cover every method
+        for method in names:
+            w = common.run(f"methods/{method}_seed{seed}", method, seed)
+            runs[method].append(w)
+            cfg_k = common.toy_config(method, seed).method.warmup_steps
+            results[f"{method}/seed{seed}"] = summary(w, cfg_k)
+            common.write_json(os.path.join(common.ROOT, "experiments", "results",
+                                           "methods_seeds.json"), results)
+    table = {}
+    for method, ws in runs.items():
+        finals = np.array([results[f"{method}/seed{s}"]["final_pass@1"]
+                           for s in range(len(ws))])
+        table[method] = {"mean": float(finals.mean()), "ci95": float(plotting.ci95(finals[:, None])[0]),
+                         "n": len(ws)}
+        print(f"{method:12s} final pass@1 {finals.mean():.3f} +- {table[method]['ci95']:.3f} "
+              f"(n={len(ws)})", flush=True)
+    results["table"] = table
+    common.write_json(os.path.join(common.ROOT, "experiments", "results", "methods_seeds.json"),
+                      results)
+    key = common.pass_key(common.read_jsonl(os.path.join(runs[names[0]][0], "eval.jsonl"))[0])
+    plotting.plot_curves(runs, [("reward", "metrics", "rollout reward"),
+                                (key, "eval", "test pass@1"),
+                                ("teacher_logprob", "metrics", "teacher log-prob")],
+                         os.path.join(common.ROOT, "docs", "img", "methods_seeds.png"), smooth=10,
+                         title=f"toy world: every method, mean +- 95% CI over {args.seeds} seeds")
+
+
+if __name__ == "__main__":
+    main()
