@@ -39,20 +39,38 @@ def toy_config(method: str, seed: int, overrides: dict[str, Any] | None = None):
 
 
 def run(name: str, method: str, seed: int, overrides: dict[str, Any] | None = None,
-        out: str = DEFAULT_OUT) -> str:
-    """Trains (or skips, if finished) one toy run in OUT/NAME; returns its workdir."""
+        out: str = DEFAULT_OUT) -> str | None:
+    """Trains (or skips, if finished) one toy run in OUT/NAME; returns its workdir, or None if
+    another process is training it right now."""
     workdir = os.path.join(out, name)
     cd = toy_config(method, seed, overrides)
     cfg = config_lib.to_run_config(cd, workdir=workdir)
     total = methods.total_updates(cfg.method, cfg.train.num_steps)
-    done = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-    if done and done[-1]["step"] == total - 1 and os.path.exists(
-            os.path.join(workdir, "checkpoints", str(total))):
+    if is_finished(workdir, total):
         return workdir
-    start = time.perf_counter()
-    trainer.train(cfg, workdir)
-    print(f"[{name}] {total} updates in {time.perf_counter() - start:.0f} s", flush=True)
+    # Several script processes may share the work (e.g. one per core): a run is claimed with
+    # an exclusive lock file; a run claimed by another process is skipped here (None).
+    os.makedirs(workdir, exist_ok=True)
+    lock = os.path.join(workdir, ".lock")
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return None
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        start = time.perf_counter()
+        trainer.train(cfg, workdir)
+        print(f"[{name}] {total} updates in {time.perf_counter() - start:.0f} s", flush=True)
+    finally:
+        os.close(fd)
+        os.remove(lock)
     return workdir
+
+
+def is_finished(workdir: str, total: int) -> bool:
+    done = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    return bool(done) and done[-1]["step"] == total - 1 and os.path.exists(
+        os.path.join(workdir, "checkpoints", str(total)))
 
 
 def final_eval(workdir: str) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 import jax
 import numpy as np
@@ -63,10 +64,18 @@ def diagnostics(eps_values, n_problems: int, seed: int) -> list[dict]:
     return out
 
 
+def _wait(workdir: str) -> str:
+    """A run another process is training (methods_seeds.py's trb runs): wait for it."""
+    total = common.toy_config("trb", 0).train.num_steps
+    while not common.is_finished(workdir, total):
+        time.sleep(10)
+    return workdir
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--eps", default="0.01,0.03,0.1,0.3,1")
-    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--problems", type=int, default=512)
     ap.add_argument("--skip-training", action="store_true")
     args = ap.parse_args()
@@ -82,6 +91,7 @@ def main() -> None:
                 # the default eps_0 is the trb run of methods_seeds.py: the same run, reused
                 name = (f"methods/trb_seed{seed}" if eps == default else f"eps/eps{eps}_seed{seed}")
                 w = common.run(name, "trb", seed, None if eps == default else {"method.eps0": eps})
+                w = w or _wait(os.path.join(common.DEFAULT_OUT, name))
                 ev = common.read_jsonl(os.path.join(w, "eval.jsonl"))[-1]
                 results["training"].setdefault(str(eps), []).append(ev[common.pass_key(ev)])
                 common.write_json(path, results)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 import numpy as np
 
@@ -35,18 +36,27 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--methods", default=",".join(ALL))
+    ap.add_argument("--reverse", action="store_true",
+                    help="work from the last seed down (a second process shares the work)")
     args = ap.parse_args()
     names = args.methods.split(",")
-    runs: dict[str, list[str]] = {m: [] for m in names}
-    results = {}
-    for seed in range(args.seeds):  # seed-major: partial results cover every method
+    seeds = list(range(args.seeds))
+    pending = []
+    for seed in (seeds[::-1] if args.reverse else seeds):  # seed-major: every method early
         for method in names:
-            w = common.run(f"methods/{method}_seed{seed}", method, seed)
-            runs[method].append(w)
-            cfg_k = common.toy_config(method, seed).method.warmup_steps
-            results[f"{method}/seed{seed}"] = summary(w, cfg_k)
-            common.write_json(os.path.join(common.ROOT, "experiments", "results",
-                                           "methods_seeds.json"), results)
+            if common.run(f"methods/{method}_seed{seed}", method, seed) is None:
+                pending.append((method, seed))
+    # runs another process was training: wait for them before summarising
+    for method, seed in pending:
+        total = methods.total_updates(common.toy_config(method, seed).method,
+                                      common.toy_config(method, seed).train.num_steps)
+        while not common.is_finished(os.path.join(common.DEFAULT_OUT, f"methods/{method}_seed{seed}"),
+                                     total):
+            time.sleep(10)
+    runs = {m: [os.path.join(common.DEFAULT_OUT, f"methods/{m}_seed{s}") for s in seeds]
+            for m in names}
+    results = {f"{m}/seed{s}": summary(runs[m][s], common.toy_config(m, s).method.warmup_steps)
+               for m in names for s in seeds}
     table = {}
     for method, ws in runs.items():
         finals = np.array([results[f"{method}/seed{s}"]["final_pass@1"]
