@@ -153,3 +153,19 @@ def test_cli_rejects_unknown_override_and_reports_bad_values(tmp_path):
     assert out.returncode != 0
     assert out.stderr.strip().splitlines()[-1].startswith(
         "config error: method.name: unknown method 'dagger'")
+
+
+@pytest.mark.parametrize("method", sorted(methods.METHODS))
+def test_toy_config_points_at_the_shipped_world(method):
+    cfg = C.to_run_config(_load("toy").get_config(f"method={method},seed=3"), workdir="/w")
+    assert os.path.isfile(os.path.join(cfg.model.student, "model.safetensors"))
+    assert os.path.isfile(cfg.data.source) and os.path.isfile(cfg.eval.datasets[0].source)
+    assert cfg.data.system_prompt == ""  # the toy models were trained without one
+    assert (cfg.train.seed, cfg.data.shuffle_seed, cfg.method.name) == (3, 3, method)
+
+
+def test_load_config_file_matches_the_module(tmp_path):
+    cd = C.load_config_file(C.repo_config_path("smoke"), "method=veto")
+    assert cd.method.name == "veto"
+    with pytest.raises(C.ConfigError, match="config file not found"):
+        C.load_config_file(str(tmp_path / "nope.py"))

@@ -1,0 +1,104 @@
+"""Final pass@1 of every finished experiment run on the WHOLE toy test split, with more samples.
+
+    python experiments/final_eval.py [--samples 4] [--glob 'methods/*']
+
+The periodic evaluation during training (128 problems x 2 samples) is cheap but noisy (one
+run's pass@1 has a standard error of about 0.025). This re-evaluates each run's final
+checkpoint on all 500 test problems x `--samples` samples (fixed sampling seed 0, so every
+run sees the same keys), then writes experiments/results/final_eval.json and prints a
+markdown table per method: mean over seeds +- 95% t interval, and the paired difference to
+vanilla (same seed) with its 95% interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+
+import numpy as np
+
+import common
+from trb_jax import config as config_lib
+from trb_jax import plotting, trainer
+
+RESULT = os.path.join(common.ROOT, "experiments", "results", "final_eval.json")
+
+
+def evaluate(workdir: str, method: str, seed: int, samples: int, overrides: dict) -> dict:
+    cd = common.toy_config(method, seed, overrides)
+    cd.eval.datasets.toy_test.max_examples = 500
+    cd.eval.num_samples = samples
+    cd.eval.batch_size = 256
+    cfg = config_lib.to_run_config(cd, workdir=workdir)
+    out, _ = trainer.evaluate_run(cfg, workdir, seed=0)
+    return out["datasets"]["toy_test"]["metrics"]
+
+
+def table(results: dict) -> str:
+    by_method: dict[str, dict[int, float]] = {}
+    for name, r in results.items():
+        by_method.setdefault(r["group"], {})[r["seed"]] = r["pass@1"]
+    base = by_method.get("vanilla", {})
+    lines = ["| method | n | final pass@1 (mean +- 95% CI) | minus vanilla, paired by seed |",
+             "|---|---|---|---|"]
+    for group in sorted(by_method, key=lambda g: (g != "vanilla", g)):
+        seeds = sorted(by_method[group])
+        v = np.array([by_method[group][s] for s in seeds])
+        half = float(plotting.ci95(v[:, None])[0])
+        diff = ""
+        paired = [s for s in seeds if s in base]
+        if group != "vanilla" and paired:
+            d = np.array([by_method[group][s] - base[s] for s in paired])
+            diff = f"{d.mean():+.3f} +- {float(plotting.ci95(d[:, None])[0]):.3f} (n={len(d)})"
+        lines.append(f"| {group} | {len(v)} | {v.mean():.3f} +- {half:.3f} | {diff} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=4)
+    ap.add_argument("--glob", default="methods/*")
+    args = ap.parse_args()
+    results = json.load(open(RESULT)) if os.path.exists(RESULT) else {}
+    if "base_student" not in results:  # the untrained Base student, same protocol
+        cd = common.toy_config("vanilla", 0)
+        cd.eval.datasets.toy_test.max_examples = 500
+        cd.eval.num_samples, cd.eval.batch_size = args.samples, 256
+        cfg = config_lib.to_run_config(cd, workdir="/tmp/trb_base_eval")
+        out, _ = trainer.evaluate_run(cfg, "/tmp/trb_base_eval", student=cfg.model.student,
+                                      seed=0)
+        results["base_student"] = {"group": "base", "seed": 0,
+                                   **out["datasets"]["toy_test"]["metrics"]}
+        common.write_json(RESULT, results)
+    print(f"base student: pass@1 {results['base_student']['pass@1']:.3f}")
+    for workdir in sorted(glob.glob(os.path.join(common.DEFAULT_OUT, args.glob))):
+        name = os.path.relpath(workdir, common.DEFAULT_OUT)
+        m = re.fullmatch(r"methods/(\w+?)_seed(\d+)", name) or re.fullmatch(
+            r"eps/eps([\d.e-]+)_seed(\d+)", name)
+        if m is None or name in results:
+            continue
+        if name.startswith("methods/"):
+            method, seed, overrides, group = m[1], int(m[2]), {}, m[1]
+        else:
+            method, seed, overrides = "trb", int(m[2]), {"method.eps0": float(m[1])}
+            group = f"trb eps0={m[1]}"
+        cd = common.toy_config(method, seed, overrides)
+        total = int(cd.train.num_steps) + (int(cd.method.sft_steps)
+                                           if method == "sft_warmup" else 0)
+        if not common.is_finished(workdir, total):
+            continue
+        metrics = evaluate(workdir, method, seed, args.samples, overrides)
+        results[name] = {"group": group, "seed": seed, **metrics}
+        print(name, round(metrics["pass@1"], 4), flush=True)
+        common.write_json(RESULT, results)
+    print(table({k: v for k, v in results.items() if k.startswith("methods/")}))
+    eps = {k: v for k, v in results.items() if k.startswith("eps/")}
+    if eps:
+        print(table(eps))
+
+
+if __name__ == "__main__":
+    main()
