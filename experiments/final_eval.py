@@ -37,23 +37,37 @@ def evaluate(workdir: str, method: str, seed: int, samples: int, overrides: dict
     return out["datasets"]["toy_test"]["metrics"]
 
 
-def table(results: dict) -> str:
-    by_method: dict[str, dict[int, float]] = {}
-    for name, r in results.items():
-        by_method.setdefault(r["group"], {})[r["seed"]] = r["pass@1"]
-    base = by_method.get("vanilla", {})
+def interval(values_n: np.ndarray) -> str:
+    """' +- half-width' of the 95% t interval, or '' for one value (no interval exists)."""
+    if len(values_n) < 2:
+        return ""
+    return f" +- {float(plotting.ci95(values_n[:, None])[0]):.3f}"
+
+
+def by_group(results: dict) -> dict[str, dict[int, float]]:
+    """{group: {seed: pass@1}} of result entries."""
+    out: dict[str, dict[int, float]] = {}
+    for r in results.values():
+        out.setdefault(r["group"], {})[r["seed"]] = r["pass@1"]
+    return out
+
+
+def table(results: dict, base: dict[int, float] | None = None) -> str:
+    """Markdown table: mean +- 95% t interval per group (none for a single run) and the
+    difference to `base` (vanilla by default) paired by seed."""
+    by_method = by_group(results)
+    base = by_method.get("vanilla", {}) if base is None else base
     lines = ["| method | n | final pass@1 (mean +- 95% CI) | minus vanilla, paired by seed |",
              "|---|---|---|---|"]
     for group in sorted(by_method, key=lambda g: (g != "vanilla", g)):
         seeds = sorted(by_method[group])
         v = np.array([by_method[group][s] for s in seeds])
-        half = float(plotting.ci95(v[:, None])[0])
         diff = ""
         paired = [s for s in seeds if s in base]
         if group != "vanilla" and paired:
             d = np.array([by_method[group][s] - base[s] for s in paired])
-            diff = f"{d.mean():+.3f} +- {float(plotting.ci95(d[:, None])[0]):.3f} (n={len(d)})"
-        lines.append(f"| {group} | {len(v)} | {v.mean():.3f} +- {half:.3f} | {diff} |")
+            diff = f"{d.mean():+.3f}{interval(d)} (n={len(d)})"
+        lines.append(f"| {group} | {len(v)} | {v.mean():.3f}{interval(v)} | {diff} |")
     return "\n".join(lines)
 
 
@@ -94,10 +108,11 @@ def main() -> None:
         results[name] = {"group": group, "seed": seed, **metrics}
         print(name, round(metrics["pass@1"], 4), flush=True)
         common.write_json(RESULT, results)
-    print(table({k: v for k, v in results.items() if k.startswith("methods/")}))
+    methods = {k: v for k, v in results.items() if k.startswith("methods/")}
+    print(table(methods))
     eps = {k: v for k, v in results.items() if k.startswith("eps/")}
-    if eps:
-        print(table(eps))
+    if eps:  # single-seed eps_0 runs, paired with the vanilla run of the same seed
+        print(table(eps, base=by_group(methods).get("vanilla", {})))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,51 @@
+"""The reproduction scripts' summary tables (experiments/final_eval.py): means, 95% t
+intervals, and differences to vanilla paired by seed, checked against scipy."""
+
+import os
+import sys
+
+import pytest
+from scipy import stats
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments"))
+import final_eval  # noqa: E402
+
+
+def _entry(group, seed, p):
+    return {"group": group, "seed": seed, "pass@1": p}
+
+
+def _row(table, group):
+    return next(line for line in table.splitlines() if line.startswith(f"| {group} |"))
+
+
+def test_table_pairs_by_seed_and_uses_the_t_interval():
+    vanilla = [0.20, 0.25, 0.22]
+    trb = [0.26, 0.24, 0.29]
+    results = {f"methods/vanilla_seed{s}": _entry("vanilla", s, p) for s, p in enumerate(vanilla)}
+    # seeds listed out of order: pairing must go by seed, not by position
+    for s in (2, 0, 1):
+        results[f"methods/trb_seed{s}"] = _entry("trb", s, trb[s])
+    row = _row(final_eval.table(results), "trb")
+    diffs = [t - v for t, v in zip(trb, vanilla)]
+    lo, hi = stats.t.interval(0.95, 2, loc=sum(diffs) / 3, scale=stats.sem(diffs))
+    mean_lo, mean_hi = stats.t.interval(0.95, 2, loc=sum(trb) / 3, scale=stats.sem(trb))
+    assert f"{sum(trb) / 3:.3f} +- {(mean_hi - mean_lo) / 2:.3f}" in row
+    assert f"{sum(diffs) / 3:+.3f} +- {(hi - lo) / 2:.3f} (n=3)" in row
+    assert _row(final_eval.table(results), "vanilla").endswith("|  |")
+
+
+def test_single_runs_get_no_interval_and_pair_with_the_given_base():
+    results = {"eps/eps0.3_seed0": _entry("trb eps0=0.3", 0, 0.30)}
+    row = _row(final_eval.table(results, base={0: 0.25}), "trb eps0=0.3")
+    assert row == "| trb eps0=0.3 | 1 | 0.300 | +0.050 (n=1) |"
+    assert "+-" not in row
+
+
+@pytest.mark.parametrize("n", [2, 5])
+def test_interval_matches_scipy(n):
+    import numpy as np
+
+    v = np.linspace(0.1, 0.3, n) ** 2
+    lo, hi = stats.t.interval(0.95, n - 1, loc=v.mean(), scale=stats.sem(v))
+    assert final_eval.interval(v) == f" +- {(hi - lo) / 2:.3f}"
