@@ -4,6 +4,7 @@ intervals, and differences to vanilla paired by seed, checked against scipy."""
 import os
 import sys
 
+import numpy as np
 import pytest
 from scipy import stats
 
@@ -44,8 +45,6 @@ def test_single_runs_get_no_interval_and_pair_with_the_given_base():
 
 @pytest.mark.parametrize("n", [2, 5])
 def test_interval_matches_scipy(n):
-    import numpy as np
-
     v = np.linspace(0.1, 0.3, n) ** 2
     lo, hi = stats.t.interval(0.95, n - 1, loc=v.mean(), scale=stats.sem(v))
     assert final_eval.interval(v) == f" +- {(hi - lo) / 2:.3f}"
