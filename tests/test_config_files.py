@@ -75,7 +75,10 @@ def test_non_editable_install_finds_the_configs_from_any_directory(tmp_path):
         zf.extractall(site)
     work = tmp_path / "work"
     work.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(site), "JAX_PLATFORMS": "cpu"}
+    keep = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+            if p and os.path.abspath(p) != ROOT]  # other entries (e.g. extra packages) stay
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *keep]),
+           "JAX_PLATFORMS": "cpu"}
     probe = (
         "import os, sys, trb_jax\n"
         "from trb_jax import config, config_files\n"
