@@ -39,7 +39,7 @@ def _package_dir() -> str | None:
 
 
 def find(relative: str) -> str | None:
-    """The file `relative` (a path inside configs/, e.g. "toy.py") from the checkout or the install."""
+    """configs/<relative> (e.g. "toy.py") of the checkout, else of the install; None if neither."""
     for base in (_checkout_dir(), _package_dir()):
         if base is not None and os.path.isfile(os.path.join(base, relative)):
             return os.path.join(base, relative)
