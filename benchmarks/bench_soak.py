@@ -1,7 +1,7 @@
 """Soak test of the training loop: many toy updates in one process, nothing may grow or recompile.
 
     JAX_PLATFORMS=cpu .venv/bin/python benchmarks/bench_soak.py                 # 500 updates
-    JAX_PLATFORMS=cpu .venv/bin/python benchmarks/bench_soak.py --updates 20 --out runs/soak_short.json
+    JAX_PLATFORMS=cpu .venv/bin/python benchmarks/bench_soak.py --updates 20 --out runs/soak20.json
 
 Runs `trainer.train` on the shipped toy world (configs/toy.py, method trb) with a small batch,
 periodic evaluation and checkpoints, and checks three things over the run:
