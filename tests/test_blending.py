@@ -177,14 +177,14 @@ def test_newton_and_bisection_agree(kind, seed, scale, eps):
 
 @pytest.mark.parametrize("solver", blending.SOLVERS)
 def test_worked_example_from_spec(solver):
-    """pi_S = [0.7, 0.3], pi_T = [0.2, 0.8] (spec: 'Worked example'), against the float64 solve."""
+    """pi_S = [0.7, 0.3], pi_T = [0.2, 0.8] (docs/method.md, 'Worked example'), against the float64 solve."""
     s = np.log(np.array([[0.7, 0.3]] * 4, np.float32))
     t = np.log(np.array([[0.2, 0.8]] * 4, np.float32))
     eps = np.array([0.001, 0.01, 0.05, 0.1], np.float32)
     res = trust_region_blend(s, t, eps, solver=solver)
     want = [ref.solve_beta64(s[i], t[i], float(eps[i])) for i in range(4)]
     np.testing.assert_allclose(np.asarray(res.beta), want, atol=1e-6)
-    # The spec's printed values (5 decimals) are what the float64 solve gives.
+    # docs/method.md's printed values (5 decimals) are what the float64 solve gives.
     np.testing.assert_allclose(want, [0.04315, 0.13341, 0.29000, 0.40555], atol=5e-6)
     np.testing.assert_allclose(np.asarray(res.kl), eps, rtol=1e-4)
     for beta, mu, d in [(0.25, [0.5717, 0.4283], 0.0367), (0.5, [0.4330, 0.5670], 0.1529),

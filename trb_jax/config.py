@@ -327,8 +327,7 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
 
 
 def repo_config_path(name: str) -> str:
-    """configs/<name>.py of this checkout (the configs live next to the package)."""
-    import os
+    """configs/<name>.py of this checkout, or of the installed package (trb_jax.config_files)."""
+    from trb_jax import config_files
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.path.join(root, "configs", f"{name}.py")
+    return config_files.find(f"{name}.py") or f"{config_files.CONFIG_DIR}/{name}.py"
