@@ -48,6 +48,11 @@ LOSSES = {
         lambda s, t: ref.topk_reverse_kl64(s, t, K, False),
         lambda s, t: ref.grad_topk_reverse_kl64(s, t, K, False),
     ),
+    "topk_reverse_tail": (
+        functools.partial(losses.topk_reverse_kl, k=K, support="tail_bucket"),
+        lambda s, t: ref.topk_reverse_kl_support64(s, t, K, "tail_bucket"),
+        lambda s, t: ref.grad_topk_reverse_kl_support64(s, t, K, "tail_bucket"),
+    ),
     "reverse_full": (losses.reverse_kl, ref.reverse_kl_full64, ref.grad_reverse_kl_full64),
     "forward_full": (losses.forward_kl, ref.forward_kl_full64, ref.grad_forward_kl_full64),
     "topk_forward_renorm": (
@@ -96,7 +101,7 @@ def test_loss_gradients_match_float64_reference(name):
     np.testing.assert_array_equal(np.asarray(grad_t), 0.0)
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", sorted(TORCH_LOSSES))
 def test_losses_match_independent_torch_implementation(name):
     fn, _, _ = LOSSES[name]
     s, t = make_logits(3, rows=10, vocab=64, mask_frac=0.3, shared_mask=True)
@@ -229,3 +234,59 @@ def test_properties_nonnegative_zero_on_match_no_nan(seed, scale, mask_frac, sam
     np.testing.assert_array_equal(np.isinf(out["reverse_full"]), np.isinf(want))
     fin = np.isfinite(want)
     np.testing.assert_allclose(out["reverse_full"][fin], want[fin], rtol=1e-4, atol=1e-5)
+
+
+def _blind_spot_pair(vocab: int = 64, k: int = K, student_mass: float = 0.99,
+                     teacher_mass: float = 1e-3):
+    """A student with `student_mass` on its top-k; a teacher shaped like the student on those k
+    tokens but with only `teacher_mass` there (the cold start TRB targets); both uniform on
+    the rest."""
+    rng = np.random.default_rng(0)
+    shape = rng.normal(size=k)
+    shape = shape - np.log(np.exp(shape).sum())
+    s = np.full(vocab, np.log((1 - student_mass) / (vocab - k)))
+    t = np.full(vocab, np.log((1 - teacher_mass) / (vocab - k)))
+    s[:k] = shape + np.log(student_mass)
+    t[:k] = shape + np.log(teacher_mass)
+    return s.astype(np.float32), t.astype(np.float32)
+
+
+def test_tail_bucket_sees_the_renormalised_blind_spot():
+    s, t = _blind_spot_pair()
+    full = ref.reverse_kl_full64(s, t)
+    # 0.99 log(0.99 / 0.001) + 0.01 log(0.01 / 0.999) = 6.78 nats
+    assert full == pytest.approx(0.99 * np.log(990) + 0.01 * np.log(0.01 / 0.999), rel=1e-6)
+    grad = {}
+    for support in losses.TOPK_SUPPORTS:
+        fn = functools.partial(losses.topk_reverse_kl, k=K, support=support)
+        value = float(fn(s, t))
+        grad[support] = np.asarray(jax.grad(fn)(s, t))
+        want = ref.topk_reverse_kl_support64(s, t, K, support)
+        assert value == pytest.approx(want, rel=1e-4, abs=1e-6), support
+        np.testing.assert_allclose(grad[support],
+                                   ref.grad_topk_reverse_kl_support64(s, t, K, support),
+                                   rtol=1e-3, atol=1e-6)
+    # renormalised: blind (loss 0, gradient 0); tail bucket: ~the full KL, and a gradient
+    assert float(losses.topk_reverse_kl(s, t, k=K, support="renormalized")) < 1e-5
+    assert np.abs(grad["renormalized"]).max() < 1e-5
+    # here the coarse-graining loses nothing (same shape on the k, both uniform off them)
+    assert float(losses.topk_reverse_kl(s, t, k=K, support="tail_bucket")) == \
+        pytest.approx(full, rel=1e-5)
+    assert np.abs(grad["tail_bucket"]).max() > 1e-3
+    # moving student mass off the top-k (the teacher's direction) lowers the tail-bucket loss
+    step = s - 1e-2 * grad["tail_bucket"] / np.abs(grad["tail_bucket"]).max()
+    assert float(losses.topk_reverse_kl(step, t, k=K, support="tail_bucket")) < \
+        float(losses.topk_reverse_kl(s, t, k=K, support="tail_bucket"))
+
+
+def test_tail_bucket_is_a_lower_bound_between_renormalised_pieces():
+    s, t = make_logits(5, rows=20, vocab=V, scale=3.0)
+    tail = np.asarray(losses.topk_reverse_kl(s, t, k=K, support="tail_bucket"))
+    full = np.asarray(losses.reverse_kl(s, t))
+    assert np.all(tail >= -1e-6) and np.all(tail <= full + 1e-5)
+    # the whole vocabulary as the support: the tail is empty and every treatment is the full KL
+    for support in losses.TOPK_SUPPORTS:
+        np.testing.assert_allclose(losses.topk_reverse_kl(s, t, k=V, support=support), full,
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="support must be one of"):
+        losses.topk_reverse_kl(s, t, k=K, support="tail")

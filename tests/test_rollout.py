@@ -134,15 +134,16 @@ def test_skd_rollout_first_token_matches_marginal():
     assert replaced.mean() == pytest.approx(p_s[~top].sum(), abs=0.03)
 
 
-def test_temperature_and_top_p_knobs_apply_to_the_logits():
+def test_temperature_applies_to_the_logits_and_top_p_to_the_blend():
     s, t = _prompt_logits()
-    # top_p -> 0 keeps only each model's argmax. The argmaxes differ here, so the two supports
-    # are disjoint: mu_beta exists only at beta = 0 and every eps samples the student's argmax.
+    # top_p -> 0 keeps only the argmax of the behavior distribution, after the blend: the
+    # student's at eps = 0 (beta 0), the teacher's at a huge eps (beta 1). (Truncating each
+    # model first would leave disjoint supports and beta = 0 for every eps.)
     assert int(jnp.argmax(s)) != int(jnp.argmax(t))
-    for eps in (0.0, 1e6):
+    for eps, argmax, beta in ((0.0, int(jnp.argmax(s)), 0), (1e6, int(jnp.argmax(t)), 1)):
         out = _wide("trb", B.make_knobs(eps=eps, top_p=1e-6))
-        assert np.all(np.asarray(out.tokens_bt[:, 0]) == int(jnp.argmax(s)))
-        assert np.all(np.asarray(out.beta_bt[:, 0]) == 0)
+        assert np.all(np.asarray(out.tokens_bt[:, 0]) == argmax)
+        assert np.all(np.asarray(out.beta_bt[:, 0]) == beta)
     # Temperature divides both models' logits before the blend.
     out = _wide("trb", B.make_knobs(eps=0.05, temperature=0.7))
     blend = trust_region_blend(s / 0.7, t / 0.7, 0.05)

@@ -4,9 +4,17 @@ Each policy is a small pure function chosen by name from `BEHAVIORS`:
 
     fn(s_logits_bv, t_logits_bv | None, keys_b, knobs) -> BehaviorStep
 
-s_logits_bv / t_logits_bv are the *processed* logits of student and teacher (EOS merged,
-divided by the sampling temperature, top-p applied; see `process_logits`); keys_b are per-row
-PRNG keys for this step; knobs the traced per-call scalars (`Knobs`). Policies whose name is
+s_logits_bv / t_logits_bv are the *processed* logits of student and teacher (EOS merged and
+divided by the sampling temperature; see `process_logits`); keys_b are per-row PRNG keys for
+this step; knobs the traced per-call scalars (`Knobs`).
+
+Truncation (top-p) applies to the behavior distribution each policy samples from, after the
+blend, never to the models' logits before it: truncating each model first would cut the
+intersection of the two supports, and where the student's nucleus holds a token outside the
+teacher's, KL(mu_beta || pi_S) > 0 already at beta -> 0+, so every budget below that gives
+beta* = 0 and TRB silently samples the student. The recorded log mu and KL are those of the
+truncated distribution actually sampled. SKD truncates its two sampling distributions (the
+student's proposal and the replacement); its top-K test reads the teacher's untruncated logits. Policies whose name is
 not in `NEEDS_TEACHER` get t_logits_bv=None: the rollout does not run the teacher for them.
 
   student      sample pi_S (vanilla OPD).
@@ -44,6 +52,7 @@ __all__ = [
     "make_knobs",
     "process_logits",
     "top_p_mask",
+    "truncate",
 ]
 
 # lax.top_k needs a static k; the traced K of SKD selects a threshold among these many.
@@ -59,7 +68,7 @@ class Knobs:
     skd_k: int32 teacher top-K of `skd` (1 <= K <= SKD_MAX_K).
     skd_tau_t: teacher temperature of the `skd` replacement sample (> 0).
     temperature: sampling temperature applied to *both* models' logits before any behavior (> 0).
-    top_p: nucleus mass applied to both models' logits after the temperature (1 = off).
+    top_p: nucleus mass of the behavior distribution, applied after the blend (1 = off).
     """
 
     eps: jax.Array
@@ -117,8 +126,23 @@ def top_p_mask(logits_bv: jax.Array, top_p: jax.Array) -> jax.Array:
 
 
 def process_logits(merged_bv: jax.Array, knobs: Knobs) -> jax.Array:
-    """EOS-merged logits -> the logits every behavior sees: / temperature, then top-p."""
-    return top_p_mask(merged_bv / knobs.temperature, knobs.top_p)
+    """EOS-merged logits -> the logits every behavior sees: / temperature (top-p comes after
+    the behavior, `truncate`)."""
+    return merged_bv / knobs.temperature
+
+
+def truncate(log_mu_bv: jax.Array, top_p: jax.Array) -> jax.Array:
+    """The top-p nucleus of a normalised distribution, renormalised (identity when top_p >= 1)."""
+    def apply(l_bv):
+        return jax.nn.log_softmax(top_p_mask(l_bv, top_p), axis=-1)
+
+    return jax.lax.cond(top_p < 1.0, apply, lambda l_bv: l_bv, log_mu_bv)
+
+
+def _truncated_kl(log_mu_bv, kl_b, log_s_fn, top_p):
+    """KL(truncated mu || pi_S): kl_b (the untruncated one) when top_p >= 1."""
+    return jax.lax.cond(top_p < 1.0, lambda: kl_from_log_probs(log_mu_bv, log_s_fn()),
+                        lambda: kl_b)
 
 
 def _sample(keys_b: jax.Array, log_p_bv: jax.Array) -> jax.Array:
@@ -130,34 +154,39 @@ def _const(value, like_b):
 
 
 def student(s_bv, t_bv, keys_b, knobs) -> BehaviorStep:
-    del t_bv, knobs
+    del t_bv
     log_s = jax.nn.log_softmax(s_bv.astype(jnp.float32), axis=-1)
-    token = _sample(keys_b, log_s)
-    return BehaviorStep(token, log_s, _const(0.0, token), _const(0.0, token), token < 0)
+    log_mu = truncate(log_s, knobs.top_p)
+    token = _sample(keys_b, log_mu)
+    kl = _truncated_kl(log_mu, _const(0.0, token), lambda: log_s, knobs.top_p)
+    return BehaviorStep(token, log_mu, _const(0.0, token), kl, token < 0)
 
 
 def temperature(s_bv, t_bv, keys_b, knobs) -> BehaviorStep:
     del t_bv
     s32 = s_bv.astype(jnp.float32)
-    log_mu = jax.nn.log_softmax(s32 / knobs.tau, axis=-1)
+    log_mu = truncate(jax.nn.log_softmax(s32 / knobs.tau, axis=-1), knobs.top_p)
     token = _sample(keys_b, log_mu)
     kl = kl_from_log_probs(log_mu, jax.nn.log_softmax(s32, axis=-1))
     return BehaviorStep(token, log_mu, _const(0.0, token), kl, token < 0)
 
 
 def teacher(s_bv, t_bv, keys_b, knobs) -> BehaviorStep:
-    del knobs
-    log_t = jax.nn.log_softmax(t_bv.astype(jnp.float32), axis=-1)
+    log_t = truncate(jax.nn.log_softmax(t_bv.astype(jnp.float32), axis=-1), knobs.top_p)
     token = _sample(keys_b, log_t)
     kl = kl_from_log_probs(log_t, jax.nn.log_softmax(s_bv.astype(jnp.float32), axis=-1))
     return BehaviorStep(token, log_t, _const(1.0, token), kl, token < 0)
 
 
 def trb(s_bv, t_bv, keys_b, knobs, *, solver: str = "newton") -> BehaviorStep:
-    """Sample mu* of the trust-region blend; `solver` is static (the rollout spec's)."""
+    """Sample mu* of the trust-region blend (its top-p nucleus); `solver` is static (the
+    rollout spec's). The solve sees the full distributions."""
     blend = trust_region_blend(s_bv, t_bv, knobs.eps, solver=solver)
-    token = _sample(keys_b, blend.log_probs)
-    return BehaviorStep(token, blend.log_probs, blend.beta, blend.kl, token < 0)
+    log_mu = truncate(blend.log_probs, knobs.top_p)
+    token = _sample(keys_b, log_mu)
+    kl = _truncated_kl(log_mu, blend.kl,
+                       lambda: jax.nn.log_softmax(s_bv.astype(jnp.float32), axis=-1), knobs.top_p)
+    return BehaviorStep(token, log_mu, blend.beta, kl, token < 0)
 
 
 def skd(s_bv, t_bv, keys_b, knobs) -> BehaviorStep:
@@ -168,8 +197,9 @@ def skd(s_bv, t_bv, keys_b, knobs) -> BehaviorStep:
         mu(a) = pi_S(a) [a in top-K] + pi_S(outside top-K) * q_T(a).
     """
     s32, t32 = s_bv.astype(jnp.float32), t_bv.astype(jnp.float32)
-    log_s = jax.nn.log_softmax(s32, axis=-1)
-    log_q = jax.nn.log_softmax(t32 / knobs.skd_tau_t, axis=-1)
+    log_s_full = jax.nn.log_softmax(s32, axis=-1)
+    log_s = truncate(log_s_full, knobs.top_p)  # the proposal
+    log_q = truncate(jax.nn.log_softmax(t32 / knobs.skd_tau_t, axis=-1), knobs.top_p)
     top_vals_bk, _ = jax.lax.top_k(t32, min(SKD_MAX_K, t32.shape[-1]))
     k_idx = jnp.clip(knobs.skd_k, 1, top_vals_bk.shape[-1]) - 1
     thresh_b1 = jax.lax.dynamic_slice_in_dim(top_vals_bk, k_idx, 1, axis=-1)
@@ -185,7 +215,7 @@ def skd(s_bv, t_bv, keys_b, knobs) -> BehaviorStep:
     log_in = jnp.where(in_top_bv, log_s, -jnp.inf)
     log_out_mass = jax.nn.logsumexp(jnp.where(in_top_bv, -jnp.inf, log_s), axis=-1)
     log_mu = jnp.logaddexp(log_in, log_out_mass[:, None] + log_q)
-    kl = kl_from_log_probs(log_mu, log_s)
+    kl = kl_from_log_probs(log_mu, log_s_full)
     return BehaviorStep(token, log_mu, _const(jnp.nan, token), kl, ~accept)
 
 

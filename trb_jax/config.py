@@ -15,6 +15,7 @@ from typing import Any
 import ml_collections
 
 from trb_jax import data as data_lib
+from trb_jax import losses
 from trb_jax.methods import MethodConfig
 from trb_jax.train_step import OptimConfig
 
@@ -81,6 +82,8 @@ class TrainLoopConfig:
 
     checkpoint_every / eval_every: in updates (0 = never; a final checkpoint is always
     written). chunk_size: loss positions per logits chunk. grader_*: math-verify pool.
+    topk_support: how the top-k reverse KL counts the mass outside the student's top-k
+    (losses.TOPK_SUPPORTS: "renormalized", "tail_bucket", "unrenormalized"; docs/training.md).
     """
 
     num_steps: int = 100
@@ -93,6 +96,7 @@ class TrainLoopConfig:
     grader_workers: int = 2
     grader_timeout_s: float = 5.0
     progress_bar: bool = True
+    topk_support: str = "renormalized"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,6 +293,9 @@ def to_run_config(cd: ml_collections.ConfigDict, *, workdir: str | None = None) 
         _check(getattr(train, f) >= 1, f"train.{f}: must be >= 1, got {getattr(train, f)}")
     for f in ("checkpoint_every", "eval_every", "seed"):
         _check(getattr(train, f) >= 0, f"train.{f}: must be >= 0, got {getattr(train, f)}")
+    _check(train.topk_support in losses.TOPK_SUPPORTS,
+           f"train.topk_support: must be one of {losses.TOPK_SUPPORTS}, got "
+           f"{train.topk_support!r}")
     _check(train.grader_timeout_s > 0,
            f"train.grader_timeout_s: must be > 0, got {train.grader_timeout_s}")
 

@@ -11,6 +11,20 @@ renormalised over the k tokens, which gives a proper divergence (>= 0, zero iff 
 the support) whose gradient does not depend on how much student mass lies outside the k tokens.
 `renormalize=False` is the partial sum sum_{a in top-k} p_S(a) log(p_S(a)/p_T(a)) with
 full-vocabulary probabilities, as some OPD codebases compute it; it can be negative.
+
+`TOPK_SUPPORTS` names the three treatments of the mass outside the k tokens (`support=`):
+
+  renormalized    both distributions renormalised over the k tokens (= renormalize=True). Blind
+                  where the teacher puts little mass on the student's top-k: a teacher with 0.1%
+                  of its mass there, shaped like the student, gives loss 0 and gradient 0.
+  tail_bucket     the k tokens plus one extra outcome holding each model's mass outside them
+                  (1 - its mass on the k ids). The KL of this coarse-grained pair is a lower
+                  bound on the full-vocabulary KL (log-sum inequality), >= 0, and sees the
+                  blind spot (6.9 nats in the example above).
+  unrenormalized  the partial sum with full-vocabulary probabilities (= renormalize=False).
+
+All three need only the two models' full-vocabulary log-probs at the k ids, so they work on the
+rollout's stored teacher scores as well as on a teacher forward.
 """
 
 from __future__ import annotations
@@ -20,6 +34,7 @@ import jax.numpy as jnp
 
 __all__ = [
     "DEFAULT_TOP_K",
+    "TOPK_SUPPORTS",
     "kl_from_log_probs",
     "topk_support",
     "topk_reverse_kl",
@@ -34,6 +49,10 @@ __all__ = [
 ]
 
 DEFAULT_TOP_K = 16
+TOPK_SUPPORTS = ("renormalized", "tail_bucket", "unrenormalized")
+# A tail mass below this is taken as this (only the tail bucket's log needs it finite): its
+# contribution p log(p/q) is then < 1e-28, and no gradient is NaN when the top-k holds all mass.
+_TINY_TAIL = 1e-30
 
 
 def _log_softmax32(logits: jax.Array) -> jax.Array:
@@ -62,21 +81,40 @@ def topk_support(logits: jax.Array, k: int = DEFAULT_TOP_K) -> jax.Array:
     return ids
 
 
+def resolve_support(renormalize: bool, support: str | None) -> str:
+    name = support if support is not None else ("renormalized" if renormalize else "unrenormalized")
+    if name not in TOPK_SUPPORTS:
+        raise ValueError(f"support must be one of {TOPK_SUPPORTS}, got {name!r}")
+    return name
+
+
+def _with_tail(log_p_k: jax.Array) -> jax.Array:
+    """[..., k] full-vocabulary log-probs -> [..., k + 1] with log(1 - their mass) appended."""
+    mass = jnp.exp(jax.nn.logsumexp(log_p_k, axis=-1, keepdims=True))
+    log_tail = jnp.log(jnp.maximum(1.0 - mass, _TINY_TAIL))
+    return jnp.concatenate([log_p_k, log_tail], axis=-1)
+
+
 def topk_reverse_kl_from_log_probs(
     student_log_probs_k: jax.Array,
     teacher_log_probs_k: jax.Array,
     *,
     renormalize: bool = True,
+    support: str | None = None,
 ) -> jax.Array:
     """Reverse KL on a fixed support from full-vocabulary log-probs at those ids ([..., k] -> [...]).
 
+    support: one of TOPK_SUPPORTS (None: "renormalized" if renormalize else "unrenormalized").
     This is the form the trainer uses with the rollout's stored top-k ids: the student's
     log-probs are recomputed with gradient, the teacher's come from the rollout.
     """
+    name = resolve_support(renormalize, support)
     log_s = student_log_probs_k.astype(jnp.float32)
     log_t = jax.lax.stop_gradient(teacher_log_probs_k.astype(jnp.float32))
-    if renormalize:
+    if name == "renormalized":
         return kl_from_log_probs(_renormalise(log_s), _renormalise(log_t))
+    if name == "tail_bucket":
+        return kl_from_log_probs(_with_tail(log_s), _with_tail(log_t))
     return kl_from_log_probs(log_s, log_t)
 
 
@@ -86,12 +124,16 @@ def topk_reverse_kl(
     *,
     k: int = DEFAULT_TOP_K,
     renormalize: bool = True,
+    support: str | None = None,
 ) -> jax.Array:
-    """KL(pi_theta || pi_T) on the student's top-k support, per token ([..., V] -> [...])."""
+    """KL(pi_theta || pi_T) on the student's top-k support, per token ([..., V] -> [...]).
+
+    support: how the mass outside the k tokens counts (TOPK_SUPPORTS; None: from renormalize).
+    """
     ids = topk_support(student_logits, k)
     log_s = jnp.take_along_axis(_log_softmax32(student_logits), ids, axis=-1)
     log_t = jnp.take_along_axis(_log_softmax32(teacher_logits), ids, axis=-1)
-    return topk_reverse_kl_from_log_probs(log_s, log_t, renormalize=renormalize)
+    return topk_reverse_kl_from_log_probs(log_s, log_t, renormalize=renormalize, support=support)
 
 
 def reverse_kl(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:

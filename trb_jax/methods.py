@@ -13,8 +13,11 @@ A method is a small pure function `plan(step, method) -> StepPlan` over the *upd
                temperature `skd_tau_t`), then student rollouts.
   temperature  student sampling temperature tau_k = tau0 + (1 - tau0) k/K for k < K, then 1.
   sft_warmup   the first `sft_steps` updates are supervised (NLL) on teacher-generated responses
-               to the same prompts (same order and multiplicity as the online pipeline); then
-               vanilla OPD. A run therefore lasts sft_steps + num_steps updates.
+               to the same prompts (same order and multiplicity as the online pipeline), with
+               their own optimizer state and schedule (`sft_lr`, constant after the OPD
+               warmup length); the student is saved at each of `sft_checkpoints` reached; then
+               ordinary OPD from the state after `sft_steps` with a fresh optimizer and exactly
+               vanilla's schedule. A run lasts sft_steps + num_steps updates.
   veto         student rollouts; the loss target at each visited prefix is the bridge
                q_alpha ∝ sg(pi_S)^(1-alpha) pi_T^alpha with alpha_k = beta_start + (1 - beta_start)
                k/K for k < K, then 1 (= vanilla OPD).
@@ -27,7 +30,8 @@ from collections.abc import Callable
 
 from trb_jax.rollout import select_program
 
-__all__ = ["MethodConfig", "StepPlan", "METHODS", "plan_step", "total_updates"]
+__all__ = ["MethodConfig", "StepPlan", "METHODS", "plan_step", "total_updates",
+           "optimizer_phase"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +44,13 @@ class MethodConfig:
     eps0: initial trust-region budget (trb) or the constant one (fixed_eps); >= 0.
     skd_k / skd_tau_t: SKD teacher top-K (1..64) and replacement temperature (> 0).
     tau0: initial student temperature of the temperature warmup (> 0).
-    sft_steps: supervised updates before OPD (sft_warmup); >= 1.
+    sft_steps: supervised updates before OPD (sft_warmup): OPD starts from this checkpoint; >= 1.
+    sft_checkpoints: SFT updates after which the student is saved (WORKDIR/sft/step_N, Hugging
+      Face format); each initialises ordinary OPD (paper: 15, 25, 50). A run saves those <=
+      sft_steps; a run with sft_steps = N repeats the first N SFT updates of a longer one
+      exactly (the SFT schedule does not depend on sft_steps).
+    sft_lr: peak learning rate of the SFT phase (0: optim.peak_lr); linear warmup over
+      optim.warmup_steps, then constant.
     beta_start: initial bridge coefficient of veto, in [0, 1].
     """
 
@@ -51,9 +61,12 @@ class MethodConfig:
     skd_tau_t: float = 0.2
     tau0: float = 0.9
     sft_steps: int = 25
+    sft_checkpoints: tuple[int, ...] = (15, 25, 50)
+    sft_lr: float = 0.0
     beta_start: float = 0.5
 
     def __post_init__(self):
+        object.__setattr__(self, "sft_checkpoints", tuple(int(n) for n in self.sft_checkpoints))
         if self.name not in METHODS:
             raise ValueError(f"method.name: unknown method {self.name!r}; choose one of "
                              f"{sorted(METHODS)}")
@@ -69,6 +82,11 @@ class MethodConfig:
             raise ValueError(f"method.tau0: must be > 0, got {self.tau0}")
         if self.sft_steps < 1:
             raise ValueError(f"method.sft_steps: must be >= 1, got {self.sft_steps}")
+        if any(int(n) < 1 for n in self.sft_checkpoints):
+            raise ValueError(f"method.sft_checkpoints: every entry must be >= 1, got "
+                             f"{tuple(self.sft_checkpoints)}")
+        if not self.sft_lr >= 0:
+            raise ValueError(f"method.sft_lr: must be >= 0, got {self.sft_lr}")
         if not 0.0 <= self.beta_start <= 1.0:
             raise ValueError(f"method.beta_start: must be in [0, 1], got {self.beta_start}")
 
@@ -154,6 +172,16 @@ def plan_step(step: int, method: MethodConfig) -> StepPlan:
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     return METHODS[method.name](step, method)
+
+
+def optimizer_phase(step: int, method: MethodConfig) -> tuple[str, int]:
+    """(phase, index within it) of update `step`: ("sft", k) for sft_warmup's supervised
+    updates, ("opd", k - sft_steps) after them, ("opd", step) for every other method. Each phase
+    has its own optimizer state and schedule, evaluated at the index within the phase; a new
+    phase starts from a fresh optimizer state (so OPD update j has vanilla's lr of update j)."""
+    if method.name == "sft_warmup":
+        return ("sft", step) if step < method.sft_steps else ("opd", step - method.sft_steps)
+    return "opd", step
 
 
 def total_updates(method: MethodConfig, num_steps: int) -> int:

@@ -79,6 +79,9 @@ class TrainConfig:
       the rollout did when it recorded the top-k ids and teacher log-probs. None: no merge.
     remat_layers: checkpoint each decoder layer of the student forward (long sequences).
     loss: a key of `LOSS_KINDS`: "opd" (default), "veto" (needs `Batch.target_alpha`), "sft".
+    topk_support: how the OPD loss counts the mass outside the top-k ids (losses.TOPK_SUPPORTS:
+      "renormalized", "tail_bucket", "unrenormalized"); renormalize=False is the older spelling
+      of "unrenormalized". Veto always renormalises.
     vocab_chunk_size: vocabulary columns per tile of the LM head's backward pass.
     """
 
@@ -92,10 +95,19 @@ class TrainConfig:
     remat_layers: bool = False
     loss: str = "opd"
     vocab_chunk_size: int = 8192
+    topk_support: str = "renormalized"
+
+    @property
+    def support(self) -> str:
+        """The effective top-k support treatment (see `topk_support`)."""
+        return self.topk_support if self.renormalize else "unrenormalized"
 
     def __post_init__(self):
         if self.loss not in LOSS_KINDS:
             raise ValueError(f"loss must be one of {sorted(LOSS_KINDS)}, got {self.loss!r}")
+        if self.topk_support not in losses.TOPK_SUPPORTS:
+            raise ValueError(f"topk_support must be one of {losses.TOPK_SUPPORTS}, got "
+                             f"{self.topk_support!r}")
         if self.loss == "veto" and not self.renormalize:
             raise ValueError("loss='veto' renormalises over the top-k support: needs renormalize=True")
         if self.vocab_chunk_size <= 0:
@@ -150,15 +162,26 @@ class Batch:
         return self.topk_ids_btk is not None
 
 
+def make_schedule(optim: OptimConfig) -> optax.Schedule:
+    """lr of update k (0-based): peak (k + 1) / W for k < W = warmup_steps (update 0 learns;
+    the last warmup update is at the peak), then cosine decay from the peak at k = W to
+    peak * end_lr_fraction at k = decay_steps, and that floor after."""
+    peak, w = optim.peak_lr, optim.warmup_steps
+    cosine = optax.cosine_decay_schedule(peak, max(optim.decay_steps - w, 1),
+                                         alpha=optim.end_lr_fraction)
+    if w == 0:
+        return cosine
+
+    def schedule(count):
+        warm = peak * (jnp.asarray(count, jnp.float32) + 1.0) / w
+        return jnp.where(count < w, warm, cosine(jnp.maximum(count - w, 0)))
+
+    return schedule
+
+
 def make_optimizer(optim: OptimConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """(clip_by_global_norm -> adamw(schedule), schedule)."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if optim.warmup_steps else optim.peak_lr,
-        peak_value=optim.peak_lr,
-        warmup_steps=optim.warmup_steps,
-        decay_steps=max(optim.decay_steps, optim.warmup_steps + 1),
-        end_value=optim.peak_lr * optim.end_lr_fraction,
-    )
+    """(clip_by_global_norm -> adamw(schedule), schedule); schedule: `make_schedule`."""
+    schedule = make_schedule(optim)
     tx = optax.chain(
         optax.clip_by_global_norm(optim.clip_norm),
         optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
@@ -291,6 +314,7 @@ def chunked_topk_kl(
     chunk_size: int,
     top_k: int = losses.DEFAULT_TOP_K,
     renormalize: bool = True,
+    support: str | None = None,
     eos: EosMap | None = None,
     topk_ids_btk: jax.Array | None = None,
     topk_teacher_logprob_btk: jax.Array | None = None,
@@ -335,7 +359,8 @@ def chunked_topk_kl(
             log_t_bcv = jax.lax.stop_gradient(_log_probs(teacher_head(xs_chunk[1]), eos))
             log_t_bck = jnp.take_along_axis(log_t_bcv, ids_bck, axis=-1)
         log_s_bck = jnp.take_along_axis(log_s_bcv, ids_bck, axis=-1)
-        kl_bc = losses.topk_reverse_kl_from_log_probs(log_s_bck, log_t_bck, renormalize=renormalize)
+        kl_bc = losses.topk_reverse_kl_from_log_probs(log_s_bck, log_t_bck, renormalize=renormalize,
+                                                      support=support)
         mass_bc = jnp.sum(jnp.exp(jax.lax.stop_gradient(log_s_bck)), axis=-1)
         return kl_bc, mass_bc
 
@@ -356,18 +381,19 @@ def _scaled(a: jax.Array, log_p: jax.Array) -> jax.Array:
     return jnp.where(a == 0, 0.0, a * log_p)
 
 
-def opd_token_loss(log_s_btk, log_t_btk, alpha, *, renormalize: bool) -> jax.Array:
-    """KL(pi_S || pi_T) on the support (the paper's OPD loss), per token [B, T]."""
+def opd_token_loss(log_s_btk, log_t_btk, alpha, *, support: str) -> jax.Array:
+    """KL(pi_S || pi_T) on the support (the paper's OPD loss), per token [B, T]; `support` says
+    how the mass outside the k ids counts (losses.TOPK_SUPPORTS)."""
     del alpha
-    return losses.topk_reverse_kl_from_log_probs(log_s_btk, log_t_btk, renormalize=renormalize)
+    return losses.topk_reverse_kl_from_log_probs(log_s_btk, log_t_btk, support=support)
 
 
-def veto_token_loss(log_s_btk, log_t_btk, alpha, *, renormalize: bool) -> jax.Array:
+def veto_token_loss(log_s_btk, log_t_btk, alpha, *, support: str) -> jax.Array:
     """KL(pi_S || q_alpha) on the support, q_alpha ∝ sg(pi_S)^(1 - alpha) pi_T^alpha renormalised
     over the support (the Veto target-side bridge), per token [B, T]. alpha = 1 is the OPD loss
     (the same operations on the same numbers; XLA may fuse the two programs differently, ~1e-7
     relative); alpha = 0 is exactly 0 (q = sg(pi_S)) with zero gradient."""
-    if not renormalize:
+    if support == "unrenormalized":
         raise ValueError("the veto loss renormalises over the top-k support: needs renormalize=True")
     a = jnp.asarray(alpha, jnp.float32)
     log_s = log_s_btk.astype(jnp.float32)
@@ -376,15 +402,15 @@ def veto_token_loss(log_s_btk, log_t_btk, alpha, *, renormalize: bool) -> jax.Ar
     return losses.kl_from_log_probs(_renormalise(log_s), _renormalise(log_q))
 
 
-def sft_token_loss(log_s_bt1, log_t_bt1, alpha, *, renormalize: bool) -> jax.Array:
+def sft_token_loss(log_s_bt1, log_t_bt1, alpha, *, support: str) -> jax.Array:
     """-log pi_S(response token) per token [B, T] (EOS-merged: a stop scores the stop event)."""
-    del log_t_bt1, alpha, renormalize
+    del log_t_bt1, alpha, support
     return -log_s_bt1[..., 0].astype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
 class LossKind:
-    """per_token(log_s_btm, log_t_btm | None, alpha | None, *, renormalize) -> [B, T].
+    """per_token(log_s_btm, log_t_btm | None, alpha | None, *, support) -> [B, T].
 
     support: "topk" (the student's top-k ids: the rollout's, or chosen per chunk in the teacher
     mode) or "sampled" (the response token itself, m = 1).
@@ -645,6 +671,7 @@ def chunked_token_loss(
     vocab_chunk_size: int = 8192,
     top_k: int = losses.DEFAULT_TOP_K,
     renormalize: bool = True,
+    support: str | None = None,
     eos: EosMap | None = None,
     target_alpha: jax.Array | None = None,
     **teacher_source,
@@ -659,7 +686,8 @@ def chunked_token_loss(
                             top_k=top_k, eos=eos, **teacher_source)  # fmt: skip
     log_s_btm = response_log_probs(student, x_btd, scores, chunk_size=chunk_size,
                                    vocab_chunk_size=vocab_chunk_size, eos=eos)  # fmt: skip
-    per_bt = kind.per_token(log_s_btm, scores["log_t_btm"], target_alpha, renormalize=renormalize)
+    support = losses.resolve_support(renormalize, support)
+    per_bt = kind.per_token(log_s_btm, scores["log_t_btm"], target_alpha, support=support)
     return per_bt, scores
 
 
@@ -700,7 +728,7 @@ def loss_fn(
     per_bt, scores = chunked_token_loss(
         lm_head(params, config.student), response_hidden(x_bsd, t), batch.input_ids_bs[:, -t:],
         loss=config.loss, chunk_size=config.chunk_size, vocab_chunk_size=config.vocab_chunk_size,
-        top_k=config.top_k, renormalize=config.renormalize, eos=config.eos,
+        top_k=config.top_k, support=config.support, eos=config.eos,
         target_alpha=batch.target_alpha, **source,
     )  # fmt: skip
     mask_bt = batch.response_mask_bt

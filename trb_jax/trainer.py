@@ -253,10 +253,22 @@ class _Run:
     manager: Any
 
 
+def phase_optim(cfg: RunConfig, phase: str) -> ts.OptimConfig:
+    """The optimizer of a phase (methods.optimizer_phase): OPD's is `optim`; SFT warmup's is
+    AdamW with the same moments and clipping at `method.sft_lr` (0: optim.peak_lr), linear
+    warmup over optim.warmup_steps, then constant (so it does not depend on sft_steps)."""
+    if phase == "opd":
+        return cfg.optim
+    return dataclasses.replace(cfg.optim, peak_lr=cfg.method.sft_lr or cfg.optim.peak_lr,
+                               decay_steps=cfg.optim.warmup_steps + 1, end_lr_fraction=1.0)
+
+
 def _train_config(cfg: RunConfig, models: Models, loss: str) -> ts.TrainConfig:
-    return ts.TrainConfig(student=models.config_s, teacher=models.config_t, optim=cfg.optim,
+    optim = phase_optim(cfg, "sft" if loss == "sft" else "opd")
+    return ts.TrainConfig(student=models.config_s, teacher=models.config_t, optim=optim,
                           top_k=cfg.rollout.top_k, chunk_size=cfg.train.chunk_size,
-                          eos=models.eos, remat_layers=cfg.model.remat_layers, loss=loss)
+                          eos=models.eos, remat_layers=cfg.model.remat_layers, loss=loss,
+                          topk_support=cfg.train.topk_support)
 
 
 def _rollout_spec(cfg: RunConfig, models: Models, behavior: str) -> RolloutSpec:
@@ -329,6 +341,9 @@ def _fetch_tree(tree):
 def _one_update(run: _Run, k: int, pool: concurrent.futures.ThreadPoolExecutor) -> dict:
     cfg, models = run.cfg, run.models
     plan = methods.plan_step(k, cfg.method)
+    phase, phase_step = methods.optimizer_phase(k, cfg.method)
+    if phase_step == 0 and k > 0:  # a new phase: fresh optimizer state, its schedule from 0
+        run.state = _fresh_optimizer(run, plan.loss)
     t0 = time.perf_counter()
     prompts, rows = _examples_to_prompts(run, next(run.stream))
     knobs = make_knobs(eps=plan.eps, tau=plan.tau, skd_k=plan.skd_k, skd_tau_t=plan.skd_tau_t,
@@ -367,6 +382,25 @@ def _one_update(run: _Run, k: int, pool: concurrent.futures.ThreadPoolExecutor) 
         "tokens_per_s": tokens / (t4 - t0), "rollout_tokens_per_s": tokens / (t1 - t0),
     })
     return metrics
+
+
+def _fresh_optimizer(run: _Run, loss: str) -> ts.TrainState:
+    config = _train_config(run.cfg, run.models, loss)
+    tx, _ = ts.make_optimizer(config.optim)
+    shardings = ts.state_shardings(config, run.mesh, run.state)
+
+    def fresh(state):
+        return state.replace(opt_state=tx.init(state.params), step=jnp.zeros((), jnp.int32))
+
+    return jax.jit(fresh, out_shardings=shardings, donate_argnums=0)(run.state)
+
+
+def _save_sft_checkpoint(run: _Run, done: int) -> None:
+    """The student after `done` SFT updates as a Hugging Face checkpoint (WORKDIR/sft/step_N)."""
+    params = jax.tree.map(distributed.fetch, run.state.params)
+    if distributed.is_primary():
+        hf_checkpoint.save_pretrained(qwen3.Qwen3CausalLM(params=params, config=run.models.config_s),
+                                      os.path.join(run.workdir, "sft", f"step_{done}"))
 
 
 def _evaluate(run: _Run, updates: int) -> dict[str, float]:
@@ -497,6 +531,10 @@ def _loop(run: _Run, start: int, total: int, pool, primary: bool) -> list[dict[s
             if writer is not None and (k % cfg.train.log_every == 0 or done == total):
                 logged.append(writer.write(k, metrics))
             _maybe_inject_crash(k)
+            m = cfg.method
+            if (m.name == "sft_warmup" and done <= m.sft_steps
+                    and done in m.sft_checkpoints):
+                _save_sft_checkpoint(run, done)
             if _eval_due(cfg, done, total):
                 results = _evaluate(run, done)
                 if eval_writer is not None:

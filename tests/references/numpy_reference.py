@@ -223,6 +223,58 @@ def topk_reverse_kl64(student_logits, teacher_logits, k: int, renormalize: bool)
     return _partial_kl(log_softmax64(s), log_softmax64(t), ids)
 
 
+def _with_tail64(log_p: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """[p(a) for a in ids] + [1 - sum of them] (the tail bucket), in float64 probabilities."""
+    p = _probs(log_p)
+    inside = p[ids]
+    return np.append(inside, max(1.0 - float(np.sum(inside)), 0.0))
+
+
+def _coarse_kl64(p: np.ndarray, q: np.ndarray) -> float:
+    """KL(p || q) of two probability vectors; +inf where p > 0 = q."""
+    on = p > 0
+    if np.any(on & (q <= 0)):
+        return float("inf")
+    return float(np.sum(p[on] * (np.log(p[on]) - np.log(q[on]))))
+
+
+def topk_reverse_kl_support64(student_logits, teacher_logits, k: int, support: str) -> float:
+    """Reverse KL on the student's top-k support K, by support treatment:
+
+    renormalized   : KL(softmax(s[K]) || softmax(t[K])).
+    tail_bucket    : KL over the k + 1 outcomes {a in K} + {everything else}, each model's
+                     full-vocab probabilities (a lower bound on the full KL: log-sum inequality).
+    unrenormalized : sum_{a in K} p_S(a) (log p_S(a) - log p_T(a)).
+    """
+    if support == "tail_bucket":
+        s, t = _row(student_logits), _row(teacher_logits)
+        ids = topk_ids64(s, k)
+        return _coarse_kl64(_with_tail64(log_softmax64(s), ids), _with_tail64(log_softmax64(t), ids))
+    return topk_reverse_kl64(student_logits, teacher_logits, k, support == "renormalized")
+
+
+def grad_topk_reverse_kl_support64(student_logits, teacher_logits, k: int,
+                                   support: str) -> np.ndarray:
+    """Gradient of ``topk_reverse_kl_support64`` w.r.t. s (K fixed).
+
+    tail_bucket: the KL of a coarse-graining o(.) of the vocabulary (outcomes: each a in K, and
+    the tail) has d/ds_i = p_i (d_o(i) - L), d_o = log P_S(o) - log P_T(o), L the loss (from
+    dP(o)/ds_i = [i in o] p_i - P(o) p_i and sum_o P(o) = 1).
+    """
+    if support != "tail_bucket":
+        return grad_topk_reverse_kl64(student_logits, teacher_logits, k, support == "renormalized")
+    s, t = _row(student_logits), _row(teacher_logits)
+    ids = topk_ids64(s, k)
+    ls, lt = log_softmax64(s), log_softmax64(t)
+    ps, pt = _with_tail64(ls, ids), _with_tail64(lt, ids)
+    loss = _coarse_kl64(ps, pt)
+    d = np.log(ps) - np.log(pt)
+    p = _probs(ls)
+    g = p * (d[-1] - loss)
+    g[ids] = p[ids] * (d[:-1] - loss)
+    return g
+
+
 def topk_forward_kl64(student_logits, teacher_logits, k: int, renormalize: bool) -> float:
     """Forward KL on the teacher's top-k support.
 
