@@ -1,7 +1,9 @@
 """The warmup-method table: each method's per-update plan against its definition (docs/method.md §2, §4)."""
 
+import numpy as np
 import pytest
 
+from trb_jax import methods
 from trb_jax import methods as M
 
 
@@ -77,3 +79,47 @@ def test_bad_method_settings_name_the_field(kw, message):
 def test_negative_step_is_an_error():
     with pytest.raises(ValueError, match="step must be >= 0"):
         M.plan_step(-1, M.MethodConfig())
+
+
+def _paper_run_config(method: str, **method_overrides):
+    from trb_jax import config as config_lib
+
+    cd = config_lib.load_config_file(config_lib.repo_config_path("opd"), f"method={method}")
+    for key, value in method_overrides.items():
+        cd.method[key] = value
+    return config_lib.to_run_config(cd)
+
+
+def _lr(cfg, k: int) -> float:
+    """The learning rate of update k as the trainer runs it: the phase's schedule at the index
+    within the phase (each phase starts from a fresh optimizer state)."""
+    from trb_jax import train_step, trainer
+
+    phase, index = methods.optimizer_phase(k, cfg.method)
+    return float(train_step.make_schedule(trainer.phase_optim(cfg, phase))(index))
+
+
+@pytest.mark.parametrize("name", sorted(methods.METHODS))
+def test_update_zero_learns_for_every_method(name):
+    cfg = _paper_run_config(name)  # configs/opd.py: 10 warmup updates to lr 1e-6
+    assert _lr(cfg, 0) == pytest.approx(cfg.optim.peak_lr / cfg.optim.warmup_steps, rel=1e-6)
+    assert _lr(cfg, cfg.optim.warmup_steps - 1) == pytest.approx(cfg.optim.peak_lr, rel=1e-6)
+    total = methods.total_updates(cfg.method, cfg.train.num_steps)
+    assert all(_lr(cfg, k) > 0 for k in range(total))  # no update runs at lr 0
+
+
+def test_opd_lr_does_not_depend_on_sft_steps():
+    vanilla = _paper_run_config("vanilla")
+    want = [_lr(vanilla, j) for j in range(vanilla.train.num_steps)]
+    for sft_steps in (15, 25, 50):
+        cfg = _paper_run_config("sft_warmup", sft_steps=sft_steps)
+        got = [_lr(cfg, sft_steps + j) for j in range(cfg.train.num_steps)]
+        np.testing.assert_array_equal(got, want)
+        # the SFT phase: its own schedule, the same for every sft_steps (checkpoint 15 of a
+        # 50-update SFT run is the 15-update run's)
+        sft = [_lr(cfg, k) for k in range(sft_steps)]
+        assert sft == [_lr(_paper_run_config("sft_warmup", sft_steps=50), k)
+                       for k in range(sft_steps)]
+        assert all(lr > 0 for lr in sft)
+    cfg = _paper_run_config("sft_warmup")
+    assert cfg.method.sft_checkpoints == (15, 25, 50) and cfg.method.sft_steps == 25

@@ -169,6 +169,8 @@ def base_config() -> ml_collections.ConfigDict:
     cd.data = _section(data_lib.DataConfig, source="", subset="")
     cd.data.answer_field = ml_collections.FieldReference("answer", field_type=str)
     cd.data.max_examples = ml_collections.FieldReference(None, field_type=int)
+    cd.data.teacher_chat_template_kwargs = ml_collections.ConfigDict(
+        data_lib.DEFAULT_TEACHER_CHAT_TEMPLATE_KWARGS)
     cd.rollout = _section(RolloutConfig)
     cd.method = _section(MethodConfig)
     cd.optim = _section(OptimConfig)

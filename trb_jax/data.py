@@ -42,6 +42,9 @@ __all__ = [
     "to_prompts",
 ]
 
+# Qwen3 chat teachers answer without a thinking block (a Base student never writes <think>).
+DEFAULT_TEACHER_CHAT_TEMPLATE_KWARGS = {"enable_thinking": False}
+
 DEFAULT_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
 # The Base student's prompt, exactly (no chat markup, nothing else added before tokenizing).
@@ -66,6 +69,9 @@ class DataConfig:
     system_prompt: put in front of the student prompt and as the teacher's system message
       ("" = none).
     shuffle_seed: with the epoch, fixes the order of the stream (>= 0).
+    teacher_chat_template_kwargs: extra arguments of the teacher's `apply_chat_template`
+      (default {"enable_thinking": False}: Qwen3's generation prompt then ends in an empty
+      think block, so the teacher answers directly, as the Base student does; docs/data.md).
     """
 
     source: str
@@ -76,8 +82,15 @@ class DataConfig:
     max_examples: int | None = None
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     shuffle_seed: int = 0
+    teacher_chat_template_kwargs: dict = dataclasses.field(
+        default_factory=lambda: dict(DEFAULT_TEACHER_CHAT_TEMPLATE_KWARGS))
 
     def __post_init__(self):
+        kwargs = self.teacher_chat_template_kwargs
+        kwargs = kwargs.to_dict() if hasattr(kwargs, "to_dict") else kwargs
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"teacher_chat_template_kwargs must be a dict, got {kwargs!r:.60}")
+        object.__setattr__(self, "teacher_chat_template_kwargs", dict(kwargs))
         if self.max_examples is not None and self.max_examples < 1:
             raise ValueError(f"max_examples must be >= 1 or None, got {self.max_examples}")
         if self.shuffle_seed < 0:
@@ -234,8 +247,10 @@ def student_prompt(problem: str, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> 
     return STUDENT_TEMPLATE.format(system_prompt=system_prompt, problem=problem)
 
 
-def teacher_prompt(problem: str, tokenizer, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:
-    """The chat teacher's prompt: its chat template over [system, user], generation prompt on."""
+def teacher_prompt(problem: str, tokenizer, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+                   chat_template_kwargs: dict | None = None) -> str:
+    """The chat teacher's prompt: its chat template over [system, user], generation prompt on,
+    with `chat_template_kwargs` (e.g. enable_thinking) passed to the template."""
     if getattr(tokenizer, "chat_template", None) is None:
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise ValueError(f"teacher tokenizer {name!r} has no chat template; the teacher prompt "
@@ -243,7 +258,8 @@ def teacher_prompt(problem: str, tokenizer, system_prompt: str = DEFAULT_SYSTEM_
     messages = [{"role": "user", "content": problem}]
     if system_prompt:
         messages.insert(0, {"role": "system", "content": system_prompt})
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                         **(chat_template_kwargs or {}))
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -257,9 +273,10 @@ def encode_student(problem: str, tokenizer, system_prompt: str = DEFAULT_SYSTEM_
     return _encode(tokenizer, student_prompt(problem, system_prompt))
 
 
-def encode_teacher(problem: str, tokenizer, system_prompt: str = DEFAULT_SYSTEM_PROMPT
-                   ) -> list[int]:
-    return _encode(tokenizer, teacher_prompt(problem, tokenizer, system_prompt))
+def encode_teacher(problem: str, tokenizer, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+                   chat_template_kwargs: dict | None = None) -> list[int]:
+    return _encode(tokenizer, teacher_prompt(problem, tokenizer, system_prompt,
+                                             chat_template_kwargs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,7 +332,8 @@ class PromptStream:
     def __init__(self, problems: Sequence[str], answers: Sequence[str | None] | None, *,
                  batch_size: int, student_tokenizer, teacher_tokenizer=None,
                  system_prompt: str = DEFAULT_SYSTEM_PROMPT, seed: int = 0,
-                 state: StreamState = StreamState()):
+                 state: StreamState = StreamState(),
+                 teacher_chat_template_kwargs: dict | None = None):
         if not problems:
             raise ValueError("PromptStream needs at least one problem")
         if answers is not None and len(answers) != len(problems):
@@ -330,6 +348,7 @@ class PromptStream:
         self.student_tokenizer = student_tokenizer
         self.teacher_tokenizer = teacher_tokenizer
         self.system_prompt = system_prompt
+        self.teacher_chat_template_kwargs = dict(teacher_chat_template_kwargs or {})
         self.seed = seed
         self.state = state
         self._perm_cache: dict = {}
@@ -349,7 +368,8 @@ class PromptStream:
         problem = self.problems[index]
         teacher_ids = None
         if self.teacher_tokenizer is not None:
-            teacher_ids = encode_teacher(problem, self.teacher_tokenizer, self.system_prompt)
+            teacher_ids = encode_teacher(problem, self.teacher_tokenizer, self.system_prompt,
+                                         self.teacher_chat_template_kwargs)
         return Example(index=index, problem=problem, answer=self.answers[index],
                        student_ids=encode_student(problem, self.student_tokenizer,
                                                   self.system_prompt),
@@ -386,7 +406,8 @@ def make_stream(config: DataConfig, student_tokenizer, teacher_tokenizer=None, *
     stream = PromptStream(problems, answers, batch_size=batch_size,
                           student_tokenizer=student_tokenizer,
                           teacher_tokenizer=teacher_tokenizer,
-                          system_prompt=config.system_prompt, seed=config.shuffle_seed)
+                          system_prompt=config.system_prompt, seed=config.shuffle_seed,
+                          teacher_chat_template_kwargs=config.teacher_chat_template_kwargs)
     if state is not None:
         stream.load_state_dict(state)
     return stream
