@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 __all__ = ["VOCAB_SIZE", "ENDOFTEXT_ID", "IM_END_ID", "ADDED_TOKENS", "CHAT_TEMPLATE",
-           "build_tokenizer", "save_tokenizer"]
+           "build_tokenizer", "as_base", "save_tokenizer"]
 
 VOCAB_SIZE = 151_936  # rows of the Qwen3 embedding (the tokenizer uses 151,669 of them)
 ENDOFTEXT_ID = 151_643
@@ -181,6 +181,14 @@ def build_tokenizer(kind: str):
     return fast
 
 
+def as_base(chat_tokenizer):
+    """The Base variant of a `build_tokenizer("chat")` tokenizer, in place: EOS <|endoftext|>,
+    no chat template (the conversion is the slow part; the two share everything else)."""
+    chat_tokenizer.eos_token = "<|endoftext|>"
+    chat_tokenizer.chat_template = None
+    return chat_tokenizer
+
+
 def save_tokenizer(directory: str | os.PathLike, kind: str, tokenizer=None) -> Path:
     """Writes the tokenizer files and generation_config.json (stop ids) into `directory`."""
     directory = Path(directory)
@@ -195,5 +203,6 @@ def save_tokenizer(directory: str | os.PathLike, kind: str, tokenizer=None) -> P
 
 if __name__ == "__main__":
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "qwen3_tokenizer")
-    for kind in ("base", "chat"):
-        print(save_tokenizer(out / kind, kind))
+    tok = build_tokenizer("chat")
+    print(save_tokenizer(out / "chat", "chat", tok))
+    print(save_tokenizer(out / "base", "base", as_base(tok)))

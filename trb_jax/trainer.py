@@ -94,18 +94,25 @@ def _eos_ids(tokenizer, directory: str, field: str) -> list[int]:
     return ids
 
 
-def load_models(model_cfg) -> Models:
-    """Loads both checkpoints and tokenizers; one-line ConfigErrors for a vocabulary mismatch."""
+@functools.lru_cache(maxsize=8)
+def _tokenizer(path: str):
+    """AutoTokenizer.from_pretrained, once per path and process (a 151,936-token tokenizer
+    takes about a second to load; sweeps and tests load the same ones for every run)."""
     from transformers import AutoTokenizer
 
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_models(model_cfg) -> Models:
+    """Loads both checkpoints and tokenizers; one-line ConfigErrors for a vocabulary mismatch."""
     s = hf_checkpoint.from_pretrained(model_cfg.student, dtype=model_cfg.param_dtype)
     t = hf_checkpoint.from_pretrained(model_cfg.teacher, dtype=model_cfg.param_dtype)
     if s.config.vocab_size != t.config.vocab_size:
         raise ConfigError(
             f"model.teacher: vocabulary mismatch: student vocab_size {s.config.vocab_size} vs "
             f"teacher vocab_size {t.config.vocab_size} (OPD needs a shared vocabulary)")
-    tok_s = AutoTokenizer.from_pretrained(model_cfg.student_tokenizer or model_cfg.student)
-    tok_t = AutoTokenizer.from_pretrained(model_cfg.teacher_tokenizer or model_cfg.teacher)
+    tok_s = _tokenizer(model_cfg.student_tokenizer or model_cfg.student)
+    tok_t = _tokenizer(model_cfg.teacher_tokenizer or model_cfg.teacher)
     if tok_s.get_vocab() != tok_t.get_vocab():
         raise ConfigError("model.teacher_tokenizer: vocabulary mismatch: the student and teacher "
                           "tokenizers map tokens to different ids")
