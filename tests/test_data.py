@@ -310,3 +310,27 @@ def test_make_stream_resume_and_mismatch(tmp_path, tokenizers_pair):
                       state={"epoch": 0, "offset": 0, "seed": 12, "num_examples": 8})
     with pytest.raises(ValueError, match=r"cannot resume: saved num_examples 9"):
         b.load_state_dict({"epoch": 0, "offset": 0, "seed": 11, "num_examples": 9})
+
+
+def test_teacher_prompt_template_kwargs_default_to_no_thinking(tokenizers_pair, tmp_path):
+    """Qwen3's published template: thinking mode is the template's default, so with no
+    arguments the generation prompt is `assistant\\n` and the teacher's first token would be
+    <think>; the config's default (enable_thinking False) gives the empty think block."""
+    import copy
+
+    from trb_jax import qwen_tokenizer
+
+    _, t_tok = tokenizers_pair
+    qwen = copy.deepcopy(t_tok)
+    qwen.chat_template = qwen_tokenizer.CHAT_TEMPLATE
+    path = _write_jsonl(tmp_path / "p.jsonl", [{"problem": "Q?", "answer": "1"}])
+    config = D.DataConfig(source=path)
+    assert config.teacher_chat_template_kwargs == {"enable_thinking": False}
+    stream = D.make_stream(config, t_tok, qwen, batch_size=1)
+    text = qwen.decode(next(stream)[0].teacher_ids, skip_special_tokens=False)
+    assert text == (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\nQ?<|im_end|>\n"
+                    "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    thinking = D.make_stream(
+        D.DataConfig(source=path, teacher_chat_template_kwargs={"enable_thinking": True}),
+        t_tok, qwen, batch_size=1)
+    assert qwen.decode(next(thinking)[0].teacher_ids).endswith("<|im_start|>assistant\n")
