@@ -83,7 +83,8 @@ class TrainLoopConfig:
     checkpoint_every / eval_every: in updates (0 = never; a final checkpoint is always
     written). chunk_size: loss positions per logits chunk. grader_*: math-verify pool.
     topk_support: how the top-k reverse KL counts the mass outside the student's top-k
-    (losses.TOPK_SUPPORTS: "renormalized", "tail_bucket", "unrenormalized"; docs/training.md).
+    (losses.TOPK_SUPPORTS: "renormalized", "tail_bucket" (default), "unrenormalized";
+    docs/training.md and the ablation in docs/results.md).
     """
 
     num_steps: int = 100
@@ -96,7 +97,7 @@ class TrainLoopConfig:
     grader_workers: int = 2
     grader_timeout_s: float = 5.0
     progress_bar: bool = True
-    topk_support: str = "renormalized"
+    topk_support: str = "tail_bucket"
 
 
 @dataclasses.dataclass(frozen=True)
