@@ -277,22 +277,39 @@ def splash_attention(q_btnh, k_btkh, v_btkh, valid_bt, *, block_size: int = DEFA
 
     Left padding is expressed with segment ids (real tokens 1, padding 0, the 128-alignment
     tail 2) and a causal mask, so no row is empty: a padding query attends to the padding
-    before it; its output is then zeroed. GQA runs the MQA kernel once per KV head.
-    Single-device program: under a mesh, wrap the call in shard_map (not done here).
+    before it; its output is then zeroed. GQA runs the MQA kernel once per KV head. Under a
+    mesh (`jax.set_mesh`) the kernel runs in `shard_map` over the rows' and KV heads' mesh axes
+    of the sharding table (a Pallas call is not partitioned automatically).
     """
-    from jax.experimental.pallas.ops.tpu import splash_attention as splash
-
     b, t, n, h = q_btnh.shape
     kh = k_btkh.shape[2]
-    g = n // kh
     tp = -(-t // 128) * 128
     size = math.gcd(tp, max(128, min(block_size, tp)))
     valid_bt = valid_bt.astype(bool)
     seg_bt = jnp.pad(valid_bt.astype(jnp.int32), ((0, 0), (0, tp - t)), constant_values=2)
     widths = ((0, 0), (0, tp - t), (0, 0), (0, 0))
     q = (q_btnh.astype(jnp.float32) * h**-0.5).astype(q_btnh.dtype)  # splash does not scale
-    q_bkgth = jnp.pad(q, widths).reshape(b, tp, kh, g, h).transpose(0, 2, 3, 1, 4)
-    k_bkth, v_bkth = (jnp.pad(x, widths).transpose(0, 2, 1, 3) for x in (k_btkh, v_btkh))
+    q_btkgh = jnp.pad(q, widths).reshape(b, tp, kh, n // kh, h)
+    k_btkh, v_btkh = (jnp.pad(x, widths) for x in (k_btkh, v_btkh))
+    local = functools.partial(_splash_local, size=size, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        from trb_jax.sharding import logical_to_spec
+
+        spec_q = logical_to_spec(("batch", None, "kv_heads", None, None), q_btkgh.shape, dict(mesh.shape))
+        spec_kv = jax.sharding.PartitionSpec(*spec_q[:3], None)
+        spec_seg = jax.sharding.PartitionSpec(spec_q[0], None)
+        local = jax.shard_map(local, mesh=mesh, in_specs=(spec_q, spec_kv, spec_kv, spec_seg),
+                              out_specs=spec_q, check_vma=False)
+    out = local(q_btkgh, k_btkh, v_btkh, seg_bt)
+    out = out.reshape(b, tp, n, h)[:, :t].astype(q_btnh.dtype)
+    return jnp.where(valid_bt[:, :, None, None], out, jnp.zeros((), out.dtype))
+
+
+def _splash_local(q_btkgh, k_btkh, v_btkh, seg_bt, *, size: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    tp, g = q_btkgh.shape[1], q_btkgh.shape[3]
     blocks = splash.BlockSizes(block_q=size, block_kv=size, block_kv_compute=size,
                                block_q_dkv=size, block_kv_dkv=size, block_kv_dkv_compute=size,
                                block_q_dq=size, block_kv_dq=size)
@@ -303,9 +320,9 @@ def splash_attention(q_btnh, k_btkh, v_btkh, valid_bt, *, block_size: int = DEFA
         ids = splash.SegmentIds(q=seg_t, kv=seg_t)
         return jax.vmap(lambda q_, k_, v_: kernel(q_, k_, v_, segment_ids=ids))(q_kgth, k_kth, v_kth)
 
-    out_bkgth = jax.vmap(one_row)(q_bkgth, k_bkth, v_bkth, seg_bt)
-    out = out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, tp, n, h)[:, :t].astype(q_btnh.dtype)
-    return jnp.where(valid_bt[:, :, None, None], out, jnp.zeros((), out.dtype))
+    out_bkgth = jax.vmap(one_row)(q_btkgh.transpose(0, 2, 3, 1, 4), k_btkh.transpose(0, 2, 1, 3),
+                                  v_btkh.transpose(0, 2, 1, 3), seg_bt)
+    return out_bkgth.transpose(0, 3, 1, 2, 4)
 
 
 # ---------------------------------------------------------------------------------------------
