@@ -211,6 +211,39 @@ def test_model_gradients_match_across_implementations():
         assert _rel(g, w) <= 5e-5
 
 
+def test_blockwise_decode_in_while_loop_equals_forward():
+    """The rollout's shape of use: decode_step inside lax.while_loop (the block loop's trip
+    count traced from the cache index), left-padded prompts; logits equal the full forward."""
+    config = qwen3.Qwen3Config(
+        vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+        intermediate_size=48, tie_word_embeddings=True, attention="blockwise", attention_block_size=4,
+    )  # fmt: skip
+    params = jax.tree.map(lambda x: x * 10 if x.ndim > 1 else x,
+                          qwen3.init_params(config, jax.random.key(1)))
+    rng = np.random.default_rng(6)
+    prompt = jnp.asarray(rng.integers(1, 64, size=(3, 6)), jnp.int32)
+    prompt_mask = jnp.asarray(np.arange(6)[None] >= np.array([0, 3, 5])[:, None], jnp.int32)
+    cont = jnp.asarray(rng.integers(1, 64, size=(3, 9)), jnp.int32)
+
+    @jax.jit
+    def decode_all(params, prompt, prompt_mask, cont):
+        _, cache = qwen3.prefill(params, config, prompt, prompt_mask, cache_len=18)
+
+        def body(carry):
+            i, cache, out = carry
+            logits, cache = qwen3.decode_step(params, config, cont[:, i], cache)
+            return i + 1, cache, out.at[:, i].set(logits)
+
+        out = jnp.zeros((3, 9, 64), jnp.float32)
+        return jax.lax.while_loop(lambda c: c[0] < 9, body, (0, cache, out))[2]
+
+    got = np.asarray(decode_all(params, prompt, prompt_mask, cont))
+    ids = jnp.concatenate([prompt, cont], axis=1)
+    mask = jnp.concatenate([prompt_mask, jnp.ones_like(cont)], axis=1)
+    want = np.asarray(qwen3.forward(params, dataclasses.replace(config, attention="xla"), ids, mask))
+    np.testing.assert_allclose(got, want[:, 6:], atol=1e-5 * np.abs(want).max())
+
+
 # ---------------------------------------------------------------------------------------------
 # Accelerator kernels
 
