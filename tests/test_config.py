@@ -95,6 +95,7 @@ class _nullcontext:
     ("train.num_steps", 0, "train.num_steps: must be >= 1, got 0"),
     ("train.chunk_size", 0, "train.chunk_size: must be >= 1, got 0"),
     ("model.param_dtype", "float16", "model.param_dtype: must be one of"),
+    ("model.attention", "flash", "model.attention: must be one of"),
     ("model.teacher", "", "model.teacher: a teacher checkpoint path is required"),
     ("data.source", "", "data.source: a prompt file or hub dataset id is required"),
     ("data.shuffle_seed", -1, "data.shuffle_seed: must be >= 0, got -1"),

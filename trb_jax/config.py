@@ -16,6 +16,7 @@ import ml_collections
 
 from trb_jax import data as data_lib
 from trb_jax.methods import MethodConfig
+from trb_jax.models import attention as attention_lib
 from trb_jax.train_step import OptimConfig
 
 __all__ = [
@@ -44,6 +45,8 @@ class ModelConfig:
 
     *_tokenizer: where each tokenizer is ("" = the checkpoint dir). param_dtype: "float32" or
     "bfloat16" for both models. remat_layers: checkpoint each student layer in the train step.
+    attention: the attention implementation of both models (`Qwen3Config.attention`): "auto"
+    (the best for the backend), "xla" (reference), "blockwise", "cudnn" (GPU) or "splash" (TPU).
     """
 
     student: str = ""
@@ -52,6 +55,7 @@ class ModelConfig:
     teacher_tokenizer: str = ""
     param_dtype: str = "float32"
     remat_layers: bool = False
+    attention: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,6 +265,8 @@ def to_run_config(cd: ml_collections.ConfigDict, *, workdir: str | None = None) 
     _check(bool(model.teacher), "model.teacher: a teacher checkpoint path is required")
     _check(model.param_dtype in _STR_DTYPES,
            f"model.param_dtype: must be one of {_STR_DTYPES}, got {model.param_dtype!r}")
+    _check(model.attention in attention_lib.IMPLEMENTATIONS,
+           f"model.attention: must be one of {attention_lib.IMPLEMENTATIONS}, got {model.attention!r}")
 
     data = _convert(data_lib.DataConfig, cd.data, "data.")
     data = dataclasses.replace(data, source=_sub(data.source, workdir))
