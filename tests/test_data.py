@@ -130,14 +130,16 @@ def test_missing_field_names_available_fields(tmp_path, suffix):
         _write_jsonl(path, [{"question": "q", "answer": "1"}])
     else:
         pq.write_table(pa.table({"question": ["q"], "answer": ["1"]}), path)
-    with pytest.raises(ValueError, match=r"field 'problem' not found .*available fields: "
-                                         r"\['answer', 'question'\]"):
+    where = r":1 \(record 0\)" if suffix == "jsonl" else ""
+    with pytest.raises(ValueError, match=rf"d\.{suffix}{where}: field 'problem' not found; "
+                                         r"available fields: \['answer', 'question'\]"):
         D.load_problems(D.DataConfig(source=str(path)))
 
 
 def test_missing_answer_field(tmp_path):
     path = _write_jsonl(tmp_path / "d.jsonl", [{"problem": "q", "final": "1"}])
-    with pytest.raises(ValueError, match=r"field 'answer' not found .*\['final', 'problem'\]"):
+    with pytest.raises(ValueError, match=r"d\.jsonl:1 \(record 0\): field 'answer' not found; "
+                                         r"available fields: \['final', 'problem'\]"):
         D.load_problems(D.DataConfig(source=path))
 
 
@@ -156,7 +158,8 @@ def test_empty_dataset(tmp_path, suffix):
 def test_non_string_problem(tmp_path):
     path = _write_jsonl(tmp_path / "d.jsonl", [{"problem": "ok", "answer": 1},
                                                {"problem": None, "answer": 2}])
-    with pytest.raises(ValueError, match=r"record 1 .*'problem' must be a non-empty string"):
+    with pytest.raises(ValueError, match=r"d\.jsonl:2 \(record 1\): field 'problem' must be a "
+                                         r"non-empty string"):
         D.load_problems(D.DataConfig(source=path))
 
 
