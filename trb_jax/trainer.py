@@ -307,7 +307,7 @@ class _Run:
     rollout_key: jax.Array
     eval_key: jax.Array
     eval_sets: list
-    grader: rewards.Grader
+    grader: rewards.Grader | None  # started once setup has passed
     manager: Any
     skipped: int = 0  # updates skipped for a non-finite loss or gradient (on_nonfinite="skip")
 
@@ -532,7 +532,7 @@ def _restore(manager, workdir: str, abstract_sh, primary: bool, max_to_keep: int
     return manager, state, extra
 
 
-def _setup(cfg: RunConfig, workdir: str, grader: rewards.Grader) -> tuple[_Run, int]:
+def _setup(cfg: RunConfig, workdir: str) -> tuple[_Run, int]:
     """Everything before the first update, cheapest checks first: tokenizers, mesh, all the
     data (parsed, tokenized, over-long prompts handled), eval data, then the weights."""
     primary = distributed.is_primary()
@@ -586,7 +586,7 @@ def _setup(cfg: RunConfig, workdir: str, grader: rewards.Grader) -> tuple[_Run, 
     del params_s
     run = _Run(cfg=cfg, workdir=workdir, models=models, mesh=mesh, stream=stream,
                state=state, params_t=params_t, rollout_key=rollout_key, eval_key=eval_key,
-               eval_sets=eval_sets, grader=grader, manager=manager, skipped=skipped)
+               eval_sets=eval_sets, grader=None, manager=manager, skipped=skipped)
     return run, start
 
 
@@ -607,15 +607,17 @@ def train(cfg: RunConfig, workdir: str, *, config_json: str | None = None
     total = methods.total_updates(cfg.method, cfg.train.num_steps)
     primary = distributed.is_primary()
     lock = locking.WorkdirLock(workdir) if primary else contextlib.nullcontext()
-    with lock, rewards.Grader(cfg.train.grader_workers) as grader, \
-            concurrent.futures.ThreadPoolExecutor(1) as pool:
-        run, start = _setup(cfg, workdir, grader)
+    with lock:
+        run, start = _setup(cfg, workdir)  # every check that can fail, before any process starts
         if config_json is not None and primary:
             atomic_write(os.path.join(workdir, "config.json"), config_json)
-        try:
-            return _loop(run, start, total, pool, primary)
-        finally:
-            run.manager.close()
+        with rewards.Grader(cfg.train.grader_workers) as grader, \
+                concurrent.futures.ThreadPoolExecutor(1) as pool:
+            run.grader = grader
+            try:
+                return _loop(run, start, total, pool, primary)
+            finally:
+                run.manager.close()
 
 
 def _eval_due(cfg: RunConfig, done: int, total: int) -> bool:
