@@ -195,7 +195,8 @@ def nonfinite_paths(tree: Any) -> list[str]:
             if not good]
 
 
-def _reason(e: BaseException) -> str:
+def reason(e: BaseException) -> str:
+    """One line: the exception's type and its message, cut to 300 characters."""
     text = " ".join(str(e).split()) or type(e).__name__
     return f"{type(e).__name__}: {text[:300]}"
 
@@ -217,7 +218,7 @@ def restore_newest_good(
             if validate is not None:
                 validate(state, extra)
         except Exception as e:  # noqa: BLE001  (a damaged checkpoint fails in many ways)
-            skipped.append((step, _reason(e)))
+            skipped.append((step, reason(e)))
             continue
         return step, state, extra, skipped
     return None, None, None, skipped

@@ -707,10 +707,21 @@ def evaluate_run(cfg: RunConfig, workdir: str, *, step: int | None = None,
             step = checkpointing.latest_step(manager) if step is None else step
             if step is None:
                 raise CheckpointError(f"no checkpoint in {workdir}/checkpoints")
-            state, _ = checkpointing.restore(manager, step, checkpointing.abstract_target(
-                abstract, ts.state_shardings(train_cfg, mesh, abstract)))
+            if step not in checkpointing.all_steps(manager):
+                raise CheckpointError(f"no checkpoint {step} in {workdir}/checkpoints (have "
+                                      f"{checkpointing.all_steps(manager)})")
+            try:
+                state, _ = checkpointing.restore(manager, step, checkpointing.abstract_target(
+                    abstract, ts.state_shardings(train_cfg, mesh, abstract)))
+            except Exception as e:  # noqa: BLE001  (a damaged checkpoint fails in many ways)
+                raise CheckpointError(f"{workdir}/checkpoints/{step} cannot be restored: "
+                                      f"{checkpointing.reason(e)}") from None
         finally:
             manager.close()
+        bad = checkpointing.nonfinite_paths(state.params)
+        if bad:
+            raise NonFiniteError(f"{workdir}/checkpoints/{step} has NaN/inf weights in "
+                                 f"{len(bad)} tensor(s), first {bad[0]}")
         params, tag, source = state.params, f"step_{step}", f"{workdir}/checkpoints/{step}"
     else:
         params, tag = models.params_s, os.path.basename(os.path.normpath(student))
