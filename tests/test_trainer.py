@@ -226,6 +226,7 @@ def test_bad_record_stops_the_run_before_models_load(world, tmp_path, monkeypatc
                                                r"'answer' is null"):
         trainer.train(_with_data(_config(world, "vanilla"), tmp_path / "d.jsonl"),
                       str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()  # nothing written: the run never started
 
 
 def test_overlong_prompt_dropped_and_reported_before_models_load(world, tmp_path, monkeypatch,

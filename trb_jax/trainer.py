@@ -603,12 +603,18 @@ def train(cfg: RunConfig, workdir: str, *, config_json: str | None = None
     The primary process holds the workdir lock (`locking.WorkdirLock`) for the whole call;
     `config_json` (the ConfigDict as JSON) is written to WORKDIR/config.json once setup passed.
     """
+    fresh = not os.path.exists(workdir)
     os.makedirs(workdir, exist_ok=True)
     total = methods.total_updates(cfg.method, cfg.train.num_steps)
     primary = distributed.is_primary()
     lock = locking.WorkdirLock(workdir) if primary else contextlib.nullcontext()
     with lock:
-        run, start = _setup(cfg, workdir)  # every check that can fail, before any process starts
+        try:
+            run, start = _setup(cfg, workdir)  # every check that can fail, before any process
+        except BaseException:
+            if fresh and primary:
+                _remove_if_only_lock(workdir)
+            raise
         if config_json is not None and primary:
             atomic_write(os.path.join(workdir, "config.json"), config_json)
         with rewards.Grader(cfg.train.grader_workers) as grader, \
@@ -618,6 +624,16 @@ def train(cfg: RunConfig, workdir: str, *, config_json: str | None = None
                 return _loop(run, start, total, pool, primary)
             finally:
                 run.manager.close()
+
+
+def _remove_if_only_lock(workdir: str) -> None:
+    """A run that failed before its first output leaves no directory behind (just its lock)."""
+    try:
+        if os.listdir(workdir) == [locking.LOCK_FILE]:
+            os.remove(os.path.join(workdir, locking.LOCK_FILE))
+            os.rmdir(workdir)
+    except OSError:  # another trainer raced in: its files stay, and so does the error we report
+        pass
 
 
 def _eval_due(cfg: RunConfig, done: int, total: int) -> bool:
