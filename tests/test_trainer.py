@@ -335,3 +335,11 @@ def test_resume_falls_back_past_a_damaged_checkpoint(world, tmp_path, capfd):
     manager = checkpointing.make_manager(tmp_path / "checkpoints")
     assert checkpointing.all_steps(manager)[-1] == 3
     manager.close()
+    # evaluate names a damaged or missing checkpoint in one line too
+    with pytest.raises(errors.CheckpointError, match=rf"^no checkpoint 7 in {tmp_path}/checkpoints "
+                                                     r"\(have \[1, 2, 3\]\)$"):
+        trainer.evaluate_run(cfg, str(tmp_path), step=7)
+    shutil.rmtree(tmp_path / "checkpoints" / "3" / "extra")
+    with pytest.raises(errors.CheckpointError, match=rf"^{tmp_path}/checkpoints/3 cannot be "
+                                                     r"restored: \w+"):
+        trainer.evaluate_run(cfg, str(tmp_path), step=3)
