@@ -182,17 +182,21 @@ def restore(
     return state, dict(restored["extra"] or {})
 
 
+@jax.jit
+def _leaves_finite(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
 def nonfinite_paths(tree: Any) -> list[str]:
-    """Key paths of the floating-point leaves of `tree` holding a NaN or an infinity (one jitted
-    reduction; a check to run once after loading, not per step)."""
+    """Key paths of the floating-point leaves of `tree` holding a NaN or an infinity (a check to
+    run once after loading, not per step: one jitted reduction on the leaves' devices, compiled
+    once per tree structure)."""
     leaves = [(path, x) for path, x in jax.tree_util.tree_leaves_with_path(tree)
               if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)]
     if not leaves:
         return []
-    ok = jax.jit(lambda xs: jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))(
-        [x for _, x in leaves])
-    return [jax.tree_util.keystr(path) for (path, _), good in zip(leaves, np.asarray(ok))
-            if not good]
+    ok = np.asarray(jax.device_get(_leaves_finite([x for _, x in leaves])))
+    return [jax.tree_util.keystr(path) for (path, _), good in zip(leaves, ok) if not good]
 
 
 def reason(e: BaseException) -> str:
