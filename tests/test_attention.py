@@ -267,6 +267,22 @@ def test_splash_kernel_in_interpret_mode_matches_reference():
         assert _rel(g, w) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cudnn_wrapper_padding_rotation_on_cpu(dtype):
+    """The cuDNN path's data movement (rotate left padding to the right, PADDING_CAUSAL with
+    sequence lengths, rotate back, zero padding queries) with jax.nn.dot_product_attention's
+    XLA implementation of the same call in place of the cuDNN kernel."""
+    q, k, v, valid, ct = _inputs(8, 2, dtype)
+    right_padded = jax.jit(functools.partial(attention._right_padded_attention, implementation="xla"))
+    want, want_grads = _value_and_grads(_reference, q, k, v, valid, ct)
+    got, got_grads = _value_and_grads(right_padded, q, k, v, valid, ct)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    assert _rel(got, want, np.asarray(valid)) <= tol
+    np.testing.assert_array_equal(np.asarray(got, np.float32)[~np.asarray(valid)], 0.0)
+    for g, w in zip(got_grads, want_grads):
+        assert _rel(g, w) <= 1.5 * tol
+
+
 @pytest.mark.skipif(jax.default_backend() != "tpu",
                     reason="no TPU backend here: the splash kernel is checked only in Pallas "
                            "interpret mode (test_splash_kernel_in_interpret_mode_matches_reference)")

@@ -261,11 +261,17 @@ def cudnn_attention(q_btnh, k_btkh, v_btkh, valid_bt) -> jax.Array:
     PADDING_CAUSAL, and rotated back. Requires left padding: each row's real tokens are a
     suffix, as the model's prompts are. Padding queries return 0.
     """
+    return _right_padded_attention(q_btnh, k_btkh, v_btkh, valid_bt, implementation="cudnn")
+
+
+def _right_padded_attention(q_btnh, k_btkh, v_btkh, valid_bt, *, implementation: str):
+    """`jax.nn.dot_product_attention` with PADDING_CAUSAL on rows rotated to right padding
+    ("xla" runs the same semantics on CPU, which is how the rotation is tested)."""
     idx_bt, inverse_bt, length_b = _left_to_right_padding(valid_bt)
     q, k, v = (_take_rows(x, idx_bt) for x in (q_btnh, k_btkh, v_btkh))
     out = jax.nn.dot_product_attention(
         q, k, v, is_causal=True, query_seq_lengths=length_b, key_value_seq_lengths=length_b,
-        implementation="cudnn",
+        implementation=implementation,
     )
     out = _take_rows(out, inverse_bt)
     return jnp.where(valid_bt.astype(bool)[:, :, None, None], out, jnp.zeros((), out.dtype))
