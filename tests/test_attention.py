@@ -149,6 +149,16 @@ def test_decode_attention_matches_reference(length, block_size):
         assert _rel(got, want) <= 1e-5
 
 
+def test_decode_attention_bfloat16_cache():
+    k, v, valid = (x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x for x in _cache())
+    valid = valid.at[:, 39].set(True)
+    q = jnp.asarray(np.random.default_rng(2).normal(size=(3, 4, 8)), jnp.bfloat16)
+    want = _decode(q, k, v, 1, valid, 40, impl="xla")
+    got = _decode(q, k, v, 1, valid, 40, impl="blockwise", block_size=8)
+    assert got.dtype == jnp.bfloat16
+    assert _rel(got, want) <= 2e-2
+
+
 def test_decode_never_reads_past_the_filled_blocks():
     """NaN in every key block at or after ceil(length / block) * block: the length-bounded loop
     never touches them (a masked read would still give 0 * NaN), the reference does."""
