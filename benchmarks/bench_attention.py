@@ -25,7 +25,6 @@ Results -> benchmarks/results/attention.json (machine, command, raw numbers).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import pathlib

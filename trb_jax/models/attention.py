@@ -38,7 +38,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "splash")
 
