@@ -373,6 +373,12 @@ def decode_attention(q_bnh, k_lbskh, v_lbskh, layer, valid_bs, length, *, impl: 
 
     size = min(block_size, cache_len)
     scale = h**-0.5
+    cache_dtype = k_lbskh.dtype
+    if cache_dtype == jnp.bfloat16:
+        # The loop reads the cache as raw 16-bit words and reinterprets each block: XLA:CPU
+        # computes bf16 dots in f32 and would otherwise hoist an f32 convert of the whole
+        # stacked cache out of the loop (an O(cache) copy per layer). A bitcast costs nothing.
+        k_lbskh, v_lbskh = (jax.lax.bitcast_convert_type(x, jnp.uint16) for x in (k_lbskh, v_lbskh))
 
     def k_step(j, carry):
         m, l, acc = carry
@@ -381,6 +387,8 @@ def decode_attention(q_bnh, k_lbskh, v_lbskh, layer, valid_bs, length, *, impl: 
         start = jnp.minimum(j * size, cache_len - size)
         k_j = jax.lax.dynamic_slice(k_lbskh, (layer, 0, start, 0, 0), (1, b, size, kh, h))[0]
         v_j = jax.lax.dynamic_slice(v_lbskh, (layer, 0, start, 0, 0), (1, b, size, kh, h))[0]
+        if k_j.dtype != cache_dtype:
+            k_j, v_j = (jax.lax.bitcast_convert_type(x, cache_dtype) for x in (k_j, v_j))
         pos_s = start + jnp.arange(size)
         mask_bs = (jax.lax.dynamic_slice_in_dim(valid_bs, start, size, axis=1)
                    & (pos_s >= j * size)[None] & (pos_s < length)[None])
