@@ -20,7 +20,7 @@
 Masks: query t sees key s iff s <= t (causal) and `valid[b, s]` (left padding: 1 = real token).
 A query that sees no key (a left-padding slot) gets a finite output: the reference keeps its
 uniform average over all keys, the other implementations return 0 there. Either way the value
-is never read by a real token, and its gradient is zero.
+is never read by a real token, so no loss over real tokens depends on it.
 
 Numerics (all implementations): scores, softmax statistics and accumulators in float32; the
 probabilities are cast to the value dtype for the value product; the result has q's dtype.
@@ -59,7 +59,10 @@ def resolve(impl: str, *, seq_len: int, head_dim: int, dtype, block_size: int = 
     check_implementation(impl)
     if impl != "auto":
         return impl
-    backend = backend or jax.default_backend()
+    if backend is None:
+        backend = jax.default_backend()
+        if backend == "gpu" and "rocm" in jax.devices()[0].client.platform_version.lower():
+            backend = "rocm"
     if backend == "tpu":
         return "splash"
     if backend in ("gpu", "cuda", "rocm"):
