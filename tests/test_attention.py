@@ -182,6 +182,7 @@ def test_auto_choice_per_backend():
     assert r(seq_len=9216, dtype=jnp.bfloat16, backend="tpu") == "splash"
     assert r(seq_len=9216, dtype=jnp.bfloat16, backend="gpu") == "cudnn"
     assert r(seq_len=9216, dtype=jnp.float32, backend="gpu") == "blockwise"  # cuDNN: half only
+    assert r(seq_len=9216, dtype=jnp.bfloat16, backend="rocm") == "blockwise"
     assert attention.resolve("auto", seq_len=9216, head_dim=12, dtype=jnp.bfloat16,
                              backend="gpu") == "blockwise"
     assert r(seq_len=9216, dtype=jnp.float32, backend="cpu") == "blockwise"
