@@ -611,9 +611,9 @@ def run_blend(pair: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     r = np.where(finite, np.where(finite, log_t, 0.0) - np.where(finite, log_s, 0.0), 0.0)
     mean_r = np.sum(mu_t * r, axis=-1, keepdims=True)
     var_r = np.sum(mu_t * (r - mean_r) ** 2, axis=-1)
-    zs_np, zt_np = zs_t.float().numpy(), zt_t.float().numpy()
-    delta = np.maximum(np.abs(np.asarray(pair["s_jax"](jnp.asarray(ids), jnp.asarray(mask)))[:, -n - 1 : -1] - zs_np).max(-1),
-                       np.abs(np.asarray(pair["t_jax"](jnp.asarray(ids), jnp.asarray(mask)))[:, -n - 1 : -1] - zt_np).max(-1))  # fmt: skip
+    delta = np.maximum(  # the two frameworks' logit difference per position (either model)
+        _max_abs_diff(torch_opd.merge_eos(zs_t, eos).numpy().astype(np.float64), np.asarray(zs_j, np.float64)),
+        _max_abs_diff(torch_opd.merge_eos(zt_t, eos).numpy().astype(np.float64), np.asarray(zt_j, np.float64)))
     allowed = tol["beta_solver"] * blend_tolerance(beta_t, var_r, delta, args.eps, args.solver_tol)
     d_beta = np.abs(beta_j - beta_t)
     # float32 log mu* sums to 1 only to ~1e-7: renormalise in float64 before the KL

@@ -201,7 +201,7 @@ def opd_update(student, teacher, batch: dict[str, np.ndarray], *, top_k: int = 1
     grads = {k: p.grad.detach().float().numpy().copy() for k, p in named_params(student).items()}
     step = clip_adamw_step(student, lr=lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                            clip_norm=clip_norm)  # fmt: skip
-    return {"loss": float(loss), "loss_bt": loss_bt.detach().numpy(), "ids_btk": ids.numpy(),
+    return {"loss": float(loss.detach()), "loss_bt": loss_bt.detach().numpy(), "ids_btk": ids.numpy(),
             "student_logits_btv": merge_eos(z_s.detach(), eos).numpy(),
             "teacher_logits_btv": merge_eos(z_t, eos).numpy(), "grads": grads, **step}  # fmt: skip
 
