@@ -236,8 +236,8 @@ def trb_blend(student_logits_v, teacher_logits_v, eps: float, *, eos: EosLike | 
               iters: int = 100) -> dict[str, Any]:
     """The TRB behavior per row ([..., V] logits of each model at the same prefixes), float64.
 
-    Returns float64 tensors: beta [...] (beta*: 1 where KL(pi_T || pi_S) <= eps, else the
-    feasible end of a bisection bracket of width 2^-iters), kl [...] = KL(mu* || pi_S) <= eps,
+    Returns float64 tensors: beta [...] (beta*: 0 for eps = 0, 1 where KL(pi_T || pi_S) <= eps,
+    else the feasible end of a bisection bracket of width 2^-iters), kl [...] = KL(mu* || pi_S) <= eps,
     log_mu [..., V], log_s / log_t [..., V] (EOS-merged log-softmaxes).
     """  # fmt: skip
     torch = _torch()
@@ -252,7 +252,8 @@ def trb_blend(student_logits_v, teacher_logits_v, eps: float, *, eos: EosLike | 
             mid = 0.5 * (lo + hi)
             ok = blend_kl(log_s, log_t, mid)[0] <= eps
             lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
-        beta = torch.where(feasible_at_one, one, lo)
+        # eps = 0 is pi_S exactly (D's float64 rounding, ~1e-16, would admit beta ~ 1e-8)
+        beta = torch.where(feasible_at_one, one, lo) if eps > 0 else torch.zeros_like(lo)
         kl, log_mu = blend_kl(log_s, log_t, beta)
     return {"beta": beta, "kl": kl, "log_mu": log_mu, "log_s": log_s, "log_t": log_t}
 
