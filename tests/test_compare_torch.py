@@ -151,7 +151,7 @@ def test_wrong_learning_rate_fails(tiny_pair, tmp_path, monkeypatch, capsys):
                          "--response-length", "12", "--length", "6"], tmp_path, "bad")
     assert code == 1
     failed = {c["check"] for c in report["checks"] if not c["ok"]}
-    assert "learning rate rel diff" in failed and any(c.startswith("update |diff|") for c in failed)
+    assert "learning rate rel diff" in failed and any(c.startswith("update: abs diff") for c in failed)
     assert "gradient rel, worst tensor" not in failed
 
 

@@ -41,7 +41,8 @@ DEFAULT_TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
 # Tolerances of the train-step and blend modes; why each value: docs/models.md ("Tolerances").
 TOLERANCES: dict[str, dict[str, float | None]] = {
     "float32": {
-        "loss_rel": 1e-5,  # per-token loss: x max(1, |loss|) (nats), plus loss_sensitivity
+        "loss_fn_rel": 1e-5,  # per-token loss vs torch's on JAX's logits, / max(1, |loss|)
+        "loss_rel": 1e-5,  # per-token loss end to end: x max(1, |loss|) (nats), plus loss_sensitivity
         "loss_mean_rel": 1e-5,  # the step's loss, same scale
         "grad_rel": 1e-4,  # per tensor: max |g_jax - g_torch| / max |g_torch|
         "update_far_lr": 1e-2,  # |g| >= 1e3 adam eps: update diff / lr (1e-5 at the default lr 1e-3)
@@ -52,6 +53,7 @@ TOLERANCES: dict[str, dict[str, float | None]] = {
         "kl_blend": 1e-5,  # per-position KL(mu*_torch || mu*_jax)
     },
     "bfloat16": {
+        "loss_fn_rel": 1e-5,  # the loss runs in float32 on float32 logits either way
         "loss_rel": 1e-2,
         "loss_mean_rel": 1e-2,
         "grad_rel": 1.5e-1,
@@ -206,7 +208,8 @@ def _print_checks(checks: list[dict[str, Any]]) -> None:
     print("| check | value | tolerance | |")
     print("|---|---|---|---|")
     for c in checks:
-        print(f"| {c['check']} | {c['value']:.3e} | {c['tolerance']:.1e} | {'ok' if c['ok'] else 'FAIL'} |")
+        name = c["check"].replace("|", "\\|")  # a markdown table cell
+        print(f"| {name} | {c['value']:.3e} | {c['tolerance']:.1e} | {'ok' if c['ok'] else 'FAIL'} |")
 
 
 def _json_default(x):
@@ -335,7 +338,7 @@ def jax_train_step(pair: dict[str, Any], args: argparse.Namespace) -> dict[str, 
     """One update by the project's jitted train step on the pair's batch (teacher mode).
 
     Returns the per-token loss and top-k ids (from `chunked_token_loss`, the function `loss_fn`
-    averages), both models' EOS-merged response logits, the update (params after - before) and
+    averages), both models' raw response logits, the update (params after - before) and
     the step's metrics. The gradient is read back from the step's own first Adam moment:
     mu_1 = (1 - b1) * clip(g) with clip(g) = g * min(1, clip_norm / |g|), so no second
     differentiation of the loss is compiled (float32: ~1e-7 relative rounding; bf16: 2^-8).
@@ -344,7 +347,6 @@ def jax_train_step(pair: dict[str, Any], args: argparse.Namespace) -> dict[str, 
     import jax.numpy as jnp
     import optax
 
-    from trb_jax import blending
     from trb_jax import train_step as ts
 
     s, t = pair["s_jax"], pair["t_jax"]
@@ -358,9 +360,6 @@ def jax_train_step(pair: dict[str, Any], args: argparse.Namespace) -> dict[str, 
                      teacher_input_ids_bs=ids, teacher_attention_mask_bs=mask)  # fmt: skip
     n = batch.response_mask_bt.shape[1]
 
-    def merged(z):
-        return z if config.eos is None else blending.merge_eos(z, config.eos)
-
     @jax.jit
     def per_token(params, teacher_params):
         # loss_fn's own pieces, to see the per-token values it averages
@@ -373,8 +372,8 @@ def jax_train_step(pair: dict[str, Any], args: argparse.Namespace) -> dict[str, 
             renormalize=config.renormalize, eos=config.eos,
             teacher=ts.lm_head(teacher_params, config.teacher), teacher_x_btd=teacher_x,
         )  # fmt: skip
-        z_s = merged(ts.qwen3_head(params, config.student)(x))
-        z_t = merged(ts.qwen3_head(teacher_params, config.teacher)(teacher_x))
+        z_s = ts.qwen3_head(params, config.student)(x)  # raw response logits, float32
+        z_t = ts.qwen3_head(teacher_params, config.teacher)(teacher_x)
         return per_bt, scores["ids_btm"], z_s, z_t
 
     per_bt, ids_btk, z_s, z_t = per_token(s.params, t.params)
@@ -436,12 +435,26 @@ def adam_direction(g, eps):
 
 
 def run_train_step(pair: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
     from trb_jax.tools import torch_opd
 
     tol = TOLERANCES[args.dtype]
-    n = pair["response_mask"].shape[1]
+    m = pair["response_mask"]
     jx = jax_train_step(pair, args)  # donates the JAX student's params
-    z_j, zt_j = jx["z_s"], jx["z_t"]
+    eos = pair["eos"]
+
+    def merged(z):  # EOS-merged float64 NumPy logits
+        return torch_opd.merge_eos(torch.as_tensor(z, dtype=torch.float64), eos).numpy()
+
+    z_j, zt_j = merged(jx["z_s"]), merged(jx["z_t"])
+    # The loss function alone: torch_opd's loss (float64) on JAX's own logits.
+    loss_on_jax, ids_on_jax = torch_opd.opd_token_loss(
+        torch.as_tensor(jx["z_s"], dtype=torch.float64), torch.as_tensor(jx["z_t"], dtype=torch.float64),
+        top_k=args.top_k, eos=eos, renormalize=not args.no_renormalize)  # fmt: skip
+    loss_on_jax = loss_on_jax.numpy()
+    same_ids = np.all(np.sort(ids_on_jax.numpy(), -1) == np.sort(jx["ids_btk"], -1), axis=-1) & m
+    fn_diff = np.abs(jx["loss_bt"] - loss_on_jax) / np.maximum(1.0, np.abs(loss_on_jax))
     config = jx["config"]
     lr = torch_opd.warmup_cosine_lr(0, peak_lr=args.lr, warmup_steps=args.warmup_steps,
                                     decay_steps=args.decay_steps)  # fmt: skip
@@ -462,7 +475,6 @@ def run_train_step(pair: dict[str, Any], args: argparse.Namespace) -> dict[str, 
     # Top-k support: a position is ambiguous when the student's k-th and (k+1)-th EOS-merged logits
     # are closer than the two frameworks' logit difference there (bf16: often); elsewhere the
     # supports must agree, and the per-token loss is compared where they do.
-    m = pair["response_mask"]
     k = args.top_k
     z_t = th["student_logits_btv"].astype(np.float64)
     delta = _max_abs_diff(z_t, z_j)
@@ -510,22 +522,24 @@ def run_train_step(pair: dict[str, Any], args: argparse.Namespace) -> dict[str, 
             worst["far"] = max(worst["far"], float((du - ulp)[far].max()))
         worst["explained"] = max(worst["explained"], float((du - explained - ulp).max()))
         worst["same"] = max(worst["same"], float((du_same - ulp).max()))
-    ulp_txt = f"{tol['update_ulp']:.1e} |p|"
+    ulp_txt = f"{tol['update_ulp']:.1e} abs(p)"
     checks = [
-        _check("per-token loss |diff| - allowance, same support (nats)",
+        _check("loss function on JAX's logits: abs diff / max(1, loss), worst token",
+               float(fn_diff[same_ids].max()), tol["loss_fn_rel"]),
+        _check("per-token loss: abs diff - allowance, same support (nats)",
                float((loss_diff - loss_allowed)[compared].max()), 0.0),
-        _check("loss (mean) |diff| / max(1, |loss|)", abs(jax_loss - th["loss"]) / max(1.0, abs(th["loss"])),
+        _check("loss (mean): abs diff / max(1, loss)", abs(jax_loss - th["loss"]) / max(1.0, abs(th["loss"])),
                tol["loss_mean_rel"]),
         _check("top-k supports differing at unambiguous positions", float(np.sum(clear & ~same_support)), 0.0),
         _check("gradient rel, worst tensor", worst["grad"], tol["grad_rel"]),
         _check("grad norm rel diff", abs(float(jx["metrics"]["grad_norm"]) - th["grad_norm"]) / th["grad_norm"],
                tol["grad_rel"]),
         _check("learning rate rel diff", abs(float(jx["metrics"]["learning_rate"]) - lr) / max(lr, 1e-30), 1e-6),
-        _check(f"update |diff| - {ulp_txt} - lr |d adam dir|, / lr", worst["explained"] / lr, tol["update_lr"]),
-        _check(f"update on the same gradients, |diff| - {ulp_txt}, / lr", worst["same"] / lr, tol["same_grad_lr"]),
+        _check(f"update: abs diff - {ulp_txt} - lr abs(d adam dir), / lr", worst["explained"] / lr, tol["update_lr"]),
+        _check(f"update on the same gradients: abs diff - {ulp_txt}, / lr", worst["same"] / lr, tol["same_grad_lr"]),
     ]  # fmt: skip
     if tol["update_far_lr"] is not None:
-        checks.insert(6, _check(f"update max abs - {ulp_txt}, |g| >= {ADAM_FAR:g} adam eps", worst["far"],
+        checks.insert(len(checks) - 2, _check(f"update where abs(g) >= {ADAM_FAR:g} adam eps: max abs diff - {ulp_txt}", worst["far"],
                                 tol["update_far_lr"] * lr))  # fmt: skip
     summary = {
         "loss_jax": jax_loss, "loss_torch": th["loss"], "grad_norm_jax": float(jx["metrics"]["grad_norm"]),
@@ -533,6 +547,8 @@ def run_train_step(pair: dict[str, Any], args: argparse.Namespace) -> dict[str, 
         "per_token_loss_max_abs": float(loss_diff[compared].max()),
         "per_token_loss_max_rel": float(loss_diff[compared].max() / max(np.abs(th["loss_bt"][m]).max(), 1e-30)),
         "positions": int(m.sum()), "support_agreement": float(same_support[m].mean()),
+        "loss_fn_on_jax_logits_max_rel": float(fn_diff[same_ids].max()),
+        "loss_fn_positions_compared": int(same_ids.sum()),
         "ambiguous_positions": int((m & ~clear).sum()), "student_logit_max_abs_diff": float(delta[m].max()),
         "teacher_logit_max_abs_diff": float(delta_t[m].max()),
         "per_token_loss_allowance_max": float(loss_allowed[compared].max()),
@@ -634,7 +650,7 @@ def run_blend(pair: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     excess = (d_beta - allowed)[m]
     interior = (beta_t > 0) & (beta_t < 1) & m
     checks = [
-        _check("beta* |jax - torch| minus its allowance, worst position", float(excess.max()), 0.0),
+        _check("beta*: abs(jax - torch) - allowance, worst position", float(excess.max()), 0.0),
         _check("KL(mu*_jax || pi_S) - eps (float32 solver)", float((kl_j[m] - args.eps * (1 + 1e-5) - 1e-9).max()), 0.0),
         _check("KL(mu*_torch || mu*_jax), worst position", float(kl_mu[m].max()), tol["kl_blend"]),
     ]  # fmt: skip
@@ -655,7 +671,7 @@ def print_blend(result: dict[str, Any], limit: int = 12) -> None:
           f"{s['kl_max_abs_diff']:.3e}, max KL(mu*_torch || mu*_jax) {s['kl_mu_max']:.3e}, max |d log mu*| "
           f"(mu* >= 1e-6) {s['log_mu_max_abs_diff']:.3e}")  # fmt: skip
     rows = sorted(result["positions"], key=lambda p: -abs(p["beta_jax"] - p["beta_torch"]))[:limit]
-    print(f"| row | pos | beta* jax | beta* torch | allowed | KL jax | KL torch | KL(mu_t || mu_j) | max d log mu* |")
+    print("| row | pos | beta* jax | beta* torch | allowed | KL jax | KL torch | KL(mu*_t \\|\\| mu*_j) | max d log mu* |")
     print("|---|---|---|---|---|---|---|---|---|")
     for p in sorted(rows, key=lambda p: (p["row"], p["pos"])):
         print(f"| {p['row']} | {p['pos']} | {p['beta_jax']:.7f} | {p['beta_torch']:.7f} | {p['beta_allowed']:.1e} | "
