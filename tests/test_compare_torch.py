@@ -121,8 +121,11 @@ def test_train_step_bfloat16_tiny_pair(tiny_pair, tmp_path, capsys):
     assert code == 0, capsys.readouterr().out
     s = report["summary"]
     # bf16 differences are real (so the float32 tolerances would fail) and within the bf16 ones.
-    assert 1e-4 < s["grad_rel_max"] <= compare_torch.TOLERANCES["bfloat16"]["grad_rel"]
+    assert 1e-4 < s["grad_rel_fro_max"] <= compare_torch.TOLERANCES["bfloat16"]["grad_rel_fro"]
     assert s["student_logit_max_abs_diff"] > 1e-4
+    # Against float32 PyTorch, JAX's bf16 gradient error is within 2x PyTorch's own bf16 error.
+    assert s["grad_err_vs_f32_excess"] <= compare_torch.TOLERANCES["bfloat16"]["grad_vs_f32"]
+    assert all(0 < r["grad_err_vs_f32_torch"] < 0.5 for r in report["tensors"])
 
 
 def test_blend_tiny_pair_both_dtypes(tiny_pair, tmp_path, capsys):
