@@ -203,9 +203,9 @@ def eos_ids(directory: Path, tokenizer) -> list[int]:
 # Reporting
 
 
-def _check(name: str, value: float, tolerance: float, why: str = "") -> dict[str, Any]:
+def _check(name: str, value: float, tolerance: float) -> dict[str, Any]:
     ok = bool(np.isfinite(value) and value <= tolerance)
-    return {"check": name, "value": float(value), "tolerance": float(tolerance), "ok": ok, "why": why}
+    return {"check": name, "value": float(value), "tolerance": float(tolerance), "ok": ok}
 
 
 def _print_checks(checks: list[dict[str, Any]]) -> None:
@@ -500,6 +500,7 @@ def run_train_step(pair: dict[str, Any], args: argparse.Namespace) -> dict[str, 
                     + loss_sensitivity(z_t, zt_t, th["ids_btk"], th["loss_bt"], delta, delta_t,
                                        renormalize=not args.no_renormalize))  # fmt: skip
     jax_loss = float(jx["metrics"]["loss"])
+    mean_bt = float(np.sum(jx["loss_bt"] * m) / max(m.sum(), 1))  # what loss_fn's masked_mean gives
 
     grads = _tensor_rows(jx["grads"], th["grads"], config.student)
     updates = _tensor_rows(jx["updates"], th["updates"], config.student)
@@ -545,6 +546,8 @@ def run_train_step(pair: dict[str, Any], args: argparse.Namespace) -> dict[str, 
     checks = [
         _check("loss function on JAX's logits: abs diff / max(1, loss), worst token",
                float(fn_diff[same_ids].max()), tol["loss_fn_rel"]),
+        _check("JAX per-token losses: masked mean vs the step's loss, / max(1, loss)",
+               abs(mean_bt - jax_loss) / max(1.0, abs(jax_loss)), tol["loss_fn_rel"]),
         _check("per-token loss: abs diff - allowance, same support (nats)",
                float((loss_diff - loss_allowed)[compared].max()), 0.0),
         _check("loss (mean): abs diff / max(1, loss)", abs(jax_loss - th["loss"]) / max(1.0, abs(th["loss"])),
