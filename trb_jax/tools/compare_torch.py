@@ -147,7 +147,8 @@ def prompt_rows(tokenizer, args: argparse.Namespace, vocab_size: int) -> tuple[l
         return [int(i) for i in rng.integers(0, vocab_size, size=args.length)]
 
     if tokenizer is None:
-        return [random_row() for _ in range(args.num_random)], f"random ids (seed {args.seed}), {args.num_random} x {args.length}"
+        rows = [random_row() for _ in range(args.num_random)]
+        return rows, f"random ids (seed {args.seed}), {args.num_random} x {args.length}"
     rows, fallback = [], 0
     for text in args.prompts:
         ids = _encode(tokenizer, text, vocab_size)
@@ -399,7 +400,7 @@ def jax_train_step(pair: dict[str, Any], args: argparse.Namespace) -> dict[str, 
     return out
 
 
-def _tensor_rows(jax_tree, torch_named: dict[str, np.ndarray], config) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _tensor_rows(jax_tree, torch_named: dict[str, np.ndarray], config) -> dict[str, tuple[np.ndarray, ...]]:
     """{HF name: (jax array, torch array)} with JAX's tree mapped to HF names and layouts."""
     hf = checkpoint.params_to_hf(jax_tree, config)
     missing = sorted(set(hf) ^ set(torch_named))
@@ -493,7 +494,7 @@ def run_train_step(pair: dict[str, Any], args: argparse.Namespace) -> dict[str, 
     z_sorted = -np.sort(-np.where(np.isfinite(z_t), z_t, -1e30), axis=-1)
     gap = z_sorted[..., k - 1] - z_sorted[..., k] if k < z_t.shape[-1] else np.full(m.shape, np.inf)
     clear = m & (gap > 2.0 * delta)
-    same_support = np.array([[set(a) == set(b) for a, b in zip(ra, rb)] for ra, rb in zip(jx["ids_btk"], th["ids_btk"])])
+    same_support = np.all(np.sort(jx["ids_btk"], -1) == np.sort(th["ids_btk"], -1), axis=-1)
     compared = m & same_support
     loss_diff = np.abs(jx["loss_bt"] - th["loss_bt"])
     loss_allowed = (tol["loss_rel"] * np.maximum(1.0, np.abs(th["loss_bt"]))
@@ -567,8 +568,8 @@ def run_train_step(pair: dict[str, Any], args: argparse.Namespace) -> dict[str, 
             tol["grad_vs_f32"]))  # fmt: skip
     checks = [c for c in checks if np.isfinite(c["tolerance"])]  # inf: reported, not a bf16 check
     if tol["update_far_lr"] is not None:
-        checks.insert(len(checks) - 2, _check(f"update where abs(g) >= {ADAM_FAR:g} adam eps: max abs diff - {ulp_txt}", worst["far"],
-                                tol["update_far_lr"] * lr))  # fmt: skip
+        name = f"update where abs(g) >= {ADAM_FAR:g} adam eps: max abs diff - {ulp_txt}"
+        checks.insert(len(checks) - 2, _check(name, worst["far"], tol["update_far_lr"] * lr))
     summary = {
         "loss_jax": jax_loss, "loss_torch": th["loss"], "grad_norm_jax": float(jx["metrics"]["grad_norm"]),
         "grad_norm_torch": th["grad_norm"], "lr_jax": float(jx["metrics"]["learning_rate"]), "lr_torch": lr,
@@ -581,7 +582,8 @@ def run_train_step(pair: dict[str, Any], args: argparse.Namespace) -> dict[str, 
         "teacher_logit_max_abs_diff": float(delta_t[m].max()),
         "per_token_loss_allowance_max": float(loss_allowed[compared].max()),
         "grad_rel_max": worst["grad"], "grad_rel_fro_max": worst["grad_fro"],
-        "grad_err_vs_f32_excess": None if ref_grads is None else worst["vs_f32"], "update_far_elements": far_total, "update_near_eps_elements": near_total,
+        "grad_err_vs_f32_excess": None if ref_grads is None else worst["vs_f32"],
+        "update_far_elements": far_total, "update_near_eps_elements": near_total,
         "update_max_abs_far": max(r["update_far_max_abs"] for r in rows),
         "update_max_abs_all": max(r["update_max_abs"] for r in rows),
         "same_grad_update_max_abs": max(r["same_grad_max_abs"] for r in rows),
@@ -601,8 +603,9 @@ def print_train_step(result: dict[str, Any]) -> None:
           "| same-grad max abs |")
     print("|---|---|---|---|---|---|---|---|")
     for r in result["tensors"]:
-        print(f"| {r['tensor']} | {r['grad_max_abs']:.2e} | {r['grad_rel']:.2e} | {r['grad_rel_fro']:.2e} | {r['update_max_abs']:.2e} | "
-              f"{r['update_rel']:.2e} | {r['update_far_max_abs']:.2e} | {r['same_grad_max_abs']:.2e} |")  # fmt: skip
+        print(f"| {r['tensor']} | {r['grad_max_abs']:.2e} | {r['grad_rel']:.2e} | {r['grad_rel_fro']:.2e} | "
+              f"{r['update_max_abs']:.2e} | {r['update_rel']:.2e} | {r['update_far_max_abs']:.2e} | "
+              f"{r['same_grad_max_abs']:.2e} |")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
