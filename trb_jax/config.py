@@ -10,13 +10,16 @@ trainer and evaluator read. Paths may contain "{workdir}", replaced by the run's
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import ml_collections
 
 from trb_jax import data as data_lib
 from trb_jax import losses
+from trb_jax.errors import ConfigError
 from trb_jax.methods import MethodConfig
+from trb_jax.models import attention as attention_lib
 from trb_jax.train_step import OptimConfig
 
 __all__ = [
@@ -35,16 +38,14 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
-    """A bad configuration; the message is one line and names the field."""
-
-
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """student / teacher: Hugging Face checkpoint dirs (or hub ids) in safetensors format.
 
     *_tokenizer: where each tokenizer is ("" = the checkpoint dir). param_dtype: "float32" or
     "bfloat16" for both models. remat_layers: checkpoint each student layer in the train step.
+    attention: the attention implementation of both models (`Qwen3Config.attention`): "auto"
+    (the best for the backend), "xla" (reference), "blockwise", "cudnn" (GPU) or "splash" (TPU).
     """
 
     student: str = ""
@@ -53,6 +54,7 @@ class ModelConfig:
     teacher_tokenizer: str = ""
     param_dtype: str = "float32"
     remat_layers: bool = False
+    attention: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +84,9 @@ class TrainLoopConfig:
 
     checkpoint_every / eval_every: in updates (0 = never; a final checkpoint is always
     written). chunk_size: loss positions per logits chunk. grader_*: math-verify pool.
+    on_nonfinite: a NaN/inf loss or gradient norm "raise"s (default: the run stops naming the
+    update, before it is logged or checkpointed) or "skip"s the update (state unchanged,
+    counted in the `skipped_updates` metric).
     topk_support: how the top-k reverse KL counts the mass outside the student's top-k
     (losses.TOPK_SUPPORTS: "renormalized", "tail_bucket" (default), "unrenormalized";
     docs/training.md and the ablation in docs/results.md).
@@ -97,6 +102,7 @@ class TrainLoopConfig:
     grader_workers: int = 2
     grader_timeout_s: float = 5.0
     progress_bar: bool = True
+    on_nonfinite: str = "raise"
     topk_support: str = "tail_bucket"
 
 
@@ -201,6 +207,9 @@ def _convert(cls, cd: ml_collections.ConfigDict, prefix: str, **fixed) -> Any:
     for key in cd.keys():
         if key not in fixed:
             kwargs[key] = _plain(cd[key])
+            # NaN or inf is never a setting (eps0=inf became a NaN eps after the warmup)
+            if isinstance(kwargs[key], float) and not math.isfinite(kwargs[key]):
+                raise ConfigError(f"{prefix}{key}: must be a finite number, got {kwargs[key]}")
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -268,10 +277,14 @@ def to_run_config(cd: ml_collections.ConfigDict, *, workdir: str | None = None) 
     _check(bool(model.teacher), "model.teacher: a teacher checkpoint path is required")
     _check(model.param_dtype in _STR_DTYPES,
            f"model.param_dtype: must be one of {_STR_DTYPES}, got {model.param_dtype!r}")
+    _check(model.attention in attention_lib.IMPLEMENTATIONS,
+           f"model.attention: must be one of {attention_lib.IMPLEMENTATIONS}, got {model.attention!r}")
 
     data = _convert(data_lib.DataConfig, cd.data, "data.")
     data = dataclasses.replace(data, source=_sub(data.source, workdir))
     _check(bool(data.source), "data.source: a prompt file or hub dataset id is required")
+    _check(data.overlong in data_lib.OVERLONG,
+           f"data.overlong: must be one of {data_lib.OVERLONG}, got {data.overlong!r}")
 
     rollout = _convert(RolloutConfig, cd.rollout, "rollout.")
     for f in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "top_k"):
@@ -296,6 +309,8 @@ def to_run_config(cd: ml_collections.ConfigDict, *, workdir: str | None = None) 
         _check(getattr(train, f) >= 1, f"train.{f}: must be >= 1, got {getattr(train, f)}")
     for f in ("checkpoint_every", "eval_every", "seed"):
         _check(getattr(train, f) >= 0, f"train.{f}: must be >= 0, got {getattr(train, f)}")
+    _check(train.on_nonfinite in ("raise", "skip"),
+           f"train.on_nonfinite: must be 'raise' or 'skip', got {train.on_nonfinite!r}")
     _check(train.topk_support in losses.TOPK_SUPPORTS,
            f"train.topk_support: must be one of {losses.TOPK_SUPPORTS}, got "
            f"{train.topk_support!r}")
