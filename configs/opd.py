@@ -69,6 +69,7 @@ def get_config(arg: str | None = None):
     config.method.skd_tau_t = 0.2
     config.method.tau0 = 0.9
     config.method.sft_steps = 25
+    config.method.sft_checkpoints = (15, 25, 50)  # saved in WORKDIR/sft/step_N
     config.optim.peak_lr = 1e-6
     config.optim.warmup_steps = 10
     config.optim.decay_steps = 400
