@@ -4,7 +4,6 @@ data) with the real Qwen3 tokenizer files: every method runs a few updates throu
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import subprocess
@@ -20,7 +19,7 @@ PROBLEMS = [("What is 2 + 3?", "5"), ("What is 7 - 4?", "3"), ("Compute 6 * 7.",
             ("What is 10 / 2?", "5")]
 
 
-def _tokenizer_files(root: str) -> str:
+def _tokenizer_files() -> str:
     """The real Qwen3 tokenizers (chat/ and base/), converted once and kept under the pytest
     cache (the conversion of 151,643 BPE ranks is the slow part)."""
     import shutil
@@ -48,7 +47,7 @@ def _write_world(world: str) -> None:
 
     from trb_jax import qwen_tokenizer
 
-    tokenizers = _tokenizer_files(world)
+    tokenizers = _tokenizer_files()
     for name, kind, overrides in (
         ("student", "base", dict(hidden_size=16, tie_word_embeddings=True)),
         ("teacher", "chat", dict(hidden_size=24, tie_word_embeddings=False)),

@@ -6,7 +6,8 @@ Each policy is a small pure function chosen by name from `BEHAVIORS`:
 
 s_logits_bv / t_logits_bv are the *processed* logits of student and teacher (EOS merged and
 divided by the sampling temperature; see `process_logits`); keys_b are per-row PRNG keys for
-this step; knobs the traced per-call scalars (`Knobs`).
+this step; knobs the traced per-call scalars (`Knobs`). Policies whose name is not in
+`NEEDS_TEACHER` get t_logits_bv=None: the rollout does not run the teacher for them.
 
 Truncation (top-p) applies to the behavior distribution each policy samples from, after the
 blend, never to the models' logits before it: truncating each model first would cut the
@@ -14,8 +15,8 @@ intersection of the two supports, and where the student's nucleus holds a token 
 teacher's, KL(mu_beta || pi_S) > 0 already at beta -> 0+, so every budget below that gives
 beta* = 0 and TRB silently samples the student. The recorded log mu and KL are those of the
 truncated distribution actually sampled. SKD truncates its two sampling distributions (the
-student's proposal and the replacement); its top-K test reads the teacher's untruncated logits. Policies whose name is
-not in `NEEDS_TEACHER` get t_logits_bv=None: the rollout does not run the teacher for them.
+student's proposal and the replacement); its top-K test reads the teacher's untruncated
+logits.
 
   student      sample pi_S (vanilla OPD).
   trb          sample mu* = trust_region_blend(pi_S, pi_T, knobs.eps).

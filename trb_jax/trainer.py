@@ -507,8 +507,8 @@ def _save_sft_checkpoint(run: _Run, done: int) -> None:
     """The student after `done` SFT updates as a Hugging Face checkpoint (WORKDIR/sft/step_N)."""
     params = jax.tree.map(distributed.fetch, run.state.params)
     if distributed.is_primary():
-        hf_checkpoint.save_pretrained(qwen3.Qwen3CausalLM(params=params, config=run.models.config_s),
-                                      os.path.join(run.workdir, "sft", f"step_{done}"))
+        model = qwen3.Qwen3CausalLM(params=params, config=run.models.config_s)
+        hf_checkpoint.save_pretrained(model, os.path.join(run.workdir, "sft", f"step_{done}"))
 
 
 def _evaluate(run: _Run, updates: int) -> dict[str, float]:
