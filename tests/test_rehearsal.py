@@ -109,9 +109,19 @@ def test_rehearsal_every_method_through_the_paper_config(tmp_path):
     from trb_jax import data, trainer
     from trb_jax import qwen_tokenizer as Q
 
-    t_start = time.perf_counter()
+    import resource
+
+    def cpu():
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+    t_start, phases = time.perf_counter(), []
+    mark = lambda name: phases.append((name, cpu()))  # noqa: E731
+    mark("start")
     world = str(tmp_path / "world")
     _write_world(world)
+    mark("world")
 
     # Start-up: both real tokenizer files load, share the vocabulary (the check passes), both
     # EOS ids are merged into one stop event; the teacher's prompt ends as configured
@@ -129,6 +139,7 @@ def test_rehearsal_every_method_through_the_paper_config(tmp_path):
     thinking = data.encode_teacher("What is 2 + 3?", models.tokenizer_t, cfg.data.system_prompt)
     assert models.tokenizer_t.decode(thinking).endswith("<|im_start|>assistant\n")  # template default
     del models
+    mark("start-up checks")
 
     # One run through the CLI, killed after update 1 and resumed (in-process) to the end.
     trb_dir = str(tmp_path / "trb")
@@ -136,7 +147,9 @@ def test_rehearsal_every_method_through_the_paper_config(tmp_path):
                f"--workdir={trb_dir}", env_extra={trainer.FAULT_ENV: "1"})
     assert cli.returncode == -9, cli.stderr[-3000:]
     assert [r["step"] for r in _metrics(trb_dir)] == [0, 1]  # killed before checkpoint 2
+    mark("CLI run (killed)")
     trainer.train(cfg, trb_dir)  # resumes from checkpoint 1
+    mark("resume")
     assert [r["step"] for r in _metrics(trb_dir)] == [0, 1]
     assert os.path.isdir(os.path.join(trb_dir, "checkpoints", "2"))
 
@@ -144,6 +157,7 @@ def test_rehearsal_every_method_through_the_paper_config(tmp_path):
     for method in METHODS[1:]:
         _, c = _cfg(world, method, str(tmp_path / method))
         trainer.train(c, str(tmp_path / method))
+        mark(method)
 
     lr0 = cfg.optim.peak_lr / cfg.optim.warmup_steps
     vanilla_lr = [r["learning_rate"] for r in _metrics(str(tmp_path / "vanilla"))]
@@ -161,6 +175,9 @@ def test_rehearsal_every_method_through_the_paper_config(tmp_path):
     ev = _cli("trb_jax.evaluate", f"--config=configs/rehearsal.py:world={world},method=trb",
               f"--workdir={trb_dir}")
     assert ev.returncode == 0, ev.stderr[-3000:]
+    mark("evaluate CLI")
+    print("rehearsal CPU s: " + ", ".join(f"{name} {b - a:.1f}" for (_, a), (name, b)
+                                          in zip(phases, phases[1:])))
     results = json.load(open(os.path.join(trb_dir, "eval_step_2.json")))
     assert set(results["datasets"]) == {"gsm8k", "math500", "amc", "olympiad"}
     for res in results["datasets"].values():
