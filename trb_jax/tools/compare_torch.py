@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from trb_jax.errors import cli_main, one_line
 from trb_jax.models import checkpoint
 
 MODES = ("logits", "train-step", "blend")
@@ -765,7 +766,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run(args)
     except (ValueError, OSError, ImportError) as e:  # CheckpointError is a ValueError
-        print(f"compare_torch: error: {e}", file=sys.stderr)
+        # The CLIs' one error line (errors.one_line); exit 2 keeps "could not compare" apart
+        # from 1, "compared and out of tolerance".
+        print(f"compare_torch: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     ok = all(c["ok"] for c in report["checks"])
     if args.mode != "logits":
@@ -779,4 +782,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main)())
