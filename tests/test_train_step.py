@@ -580,3 +580,30 @@ def _eight_device_check():
 
 def test_sharded_step_equals_one_device_step_on_8_cpu_devices():
     run_on_fake_devices("test_train_step", "_eight_device_check", "EIGHT_DEVICE_TRAIN_STEP_OK")
+
+
+def test_tail_bucket_support_in_both_modes_equals_full_logits_reference():
+    """train.topk_support="tail_bucket": the stored teacher log-probs (normalised over the whole
+    vocabulary) hold everything the tail needs, so both modes give the reference loss and grads."""
+    import dataclasses
+
+    batch = make_batch(0)
+    cfg = dataclasses.replace(config(3), topk_support="tail_bucket")
+
+    def reference(params_s):
+        s, st = batch.input_ids_bs.shape[1], batch.teacher_input_ids_bs.shape[1]
+        ls = full_logits(params_s, STUDENT, batch.input_ids_bs, batch.attention_mask_bs)
+        lt = full_logits(PARAMS_T, TEACHER, batch.teacher_input_ids_bs,
+                         batch.teacher_attention_mask_bs)
+        per = losses.topk_reverse_kl(ls[:, s - T - 1 : s - 1], lt[:, st - T - 1 : st - 1], k=K,
+                                     support="tail_bucket")
+        return losses.masked_mean(per, batch.response_mask_bt)
+
+    want, want_g = jax.jit(jax.value_and_grad(reference))(PARAMS_S)
+    renorm = jax.jit(reference_loss)(PARAMS_S, batch)
+    assert abs(float(want) - float(renorm)) > 1e-4  # a different loss, not the renormalised one
+    grad_fn = jax.jit(jax.value_and_grad(chunked_loss), static_argnums=2)
+    for b in (batch, stored_batch(batch)):
+        got, got_g = grad_fn(PARAMS_S, b, cfg)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        assert_trees_close(got_g, want_g)
