@@ -109,6 +109,10 @@ class _nullcontext:
     ("eval.num_samples", 0, "eval.num_samples: must be >= 1, got 0"),
     ("train.eval_every", 5, "train.eval_every: periodic evaluation needs eval.datasets"),
     ("mesh.data", 0, "mesh.data: must be -1 or >= 1, got 0"),
+    ("train.topk_support", "tail", "train.topk_support: must be one of ('renormalized', "
+                                   "'tail_bucket', 'unrenormalized'), got 'tail'"),
+    ("method.sft_checkpoints", (15, 0), "method.sft_checkpoints: every entry must be >= 1"),
+    ("method.sft_lr", -1.0, "method.sft_lr: must be >= 0, got -1.0"),
 ])
 def test_bad_values_are_one_line_errors_naming_the_field(path, value, expected):
     assert _error(_set(path, value)).startswith(expected)
