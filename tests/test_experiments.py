@@ -48,3 +48,16 @@ def test_interval_matches_scipy(n):
     v = np.linspace(0.1, 0.3, n) ** 2
     lo, hi = stats.t.interval(0.95, n - 1, loc=v.mean(), scale=stats.sem(v))
     assert final_eval.interval(v) == f" +- {(hi - lo) / 2:.3f}"
+
+
+def test_topk_support_ablation_pairs_by_seed_with_the_t_interval():
+    import topk_support
+
+    a = np.array([0.25, 0.26, 0.27, 0.24, 0.28])
+    b = a + np.array([0.01, 0.0, 0.02, -0.01, 0.01])
+    out = topk_support.paired(a, b)
+    d = b - a
+    lo, hi = stats.t.interval(0.95, 4, loc=d.mean(), scale=stats.sem(d))
+    assert out["mean_diff"] == pytest.approx(d.mean())
+    assert out["ci95"] == pytest.approx((hi - lo) / 2)
+    assert (out["wins"], out["losses"], out["n"]) == (3, 1, 5)
