@@ -94,12 +94,24 @@ def _eos_ids(tokenizer, directory: str, field: str) -> list[int]:
     return ids
 
 
-def load_models(model_cfg) -> Models:
-    """Loads both checkpoints and tokenizers; one-line ConfigErrors for a vocabulary mismatch."""
+def load_models(model_cfg, mesh: Mesh | None = None) -> Models:
+    """Loads both checkpoints and tokenizers; one-line ConfigErrors for a vocabulary mismatch.
+
+    The student in `param_dtype` (its trained master weights), the teacher in `teacher_dtype`,
+    both computing in `compute_dtype`. With a mesh, each parameter is built shard by shard from
+    safetensors slices, so each process reads only the bytes of its own shards: the student
+    laid out by the training rules (as its TrainState), the frozen teacher by
+    INFERENCE_AXIS_RULES ("embed" replicated: decoding never all-gathers it).
+    """
     from transformers import AutoTokenizer
 
-    s = hf_checkpoint.from_pretrained(model_cfg.student, dtype=model_cfg.param_dtype)
-    t = hf_checkpoint.from_pretrained(model_cfg.teacher, dtype=model_cfg.param_dtype)
+    compute = model_cfg.student_compute_dtype
+    s = hf_checkpoint.from_pretrained(model_cfg.student, dtype=model_cfg.param_dtype,
+                                      compute_dtype=compute, mesh=mesh,
+                                      rules=sharding.LOGICAL_AXIS_RULES)
+    t = hf_checkpoint.from_pretrained(model_cfg.teacher, dtype=model_cfg.teacher_param_dtype,
+                                      compute_dtype=compute, mesh=mesh,
+                                      rules=sharding.INFERENCE_AXIS_RULES)
     if s.config.vocab_size != t.config.vocab_size:
         raise ConfigError(
             f"model.teacher: vocabulary mismatch: student vocab_size {s.config.vocab_size} vs "
@@ -128,6 +140,25 @@ def make_mesh(mesh_cfg) -> Mesh:
         raise ConfigError(f"mesh: data {mesh_cfg.data} x fsdp {mesh_cfg.fsdp} x tensor "
                           f"{mesh_cfg.tensor} does not match the {n} devices")
     return sharding.make_mesh(data, mesh_cfg.fsdp, mesh_cfg.tensor)
+
+
+@functools.lru_cache(maxsize=8)
+def _compute_cast(config: qwen3.Qwen3Config, mesh: Mesh):
+    """jit: the student's params -> a copy in its compute dtype, placed like the teacher
+    (INFERENCE_AXIS_RULES) for the rollout and evaluation: a decode step then reads bf16
+    weights and never all-gathers them."""
+    out = sharding.param_shardings(config, mesh, rules=sharding.INFERENCE_AXIS_RULES)
+    dtype = qwen3.DTYPES[config.compute_dtype]
+    return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p), out_shardings=out)
+
+
+def inference_student(params: Any, config: qwen3.Qwen3Config, mesh: Mesh):
+    """(params, config) the rollout and evaluation decode with: the master weights themselves
+    when they are already in the compute dtype, else a compute-dtype copy (one per update)."""
+    if config.param_dtype == config.compute_dtype:
+        return params, config
+    return (_compute_cast(config, mesh)(params),
+            config.with_dtype(config.compute_dtype, config.compute_dtype))
 
 
 def _rows_sharding(mesh: Mesh, rows: int) -> NamedSharding:
@@ -256,7 +287,8 @@ class _Run:
 def _train_config(cfg: RunConfig, models: Models, loss: str) -> ts.TrainConfig:
     return ts.TrainConfig(student=models.config_s, teacher=models.config_t, optim=cfg.optim,
                           top_k=cfg.rollout.top_k, chunk_size=cfg.train.chunk_size,
-                          eos=models.eos, remat_layers=cfg.model.remat_layers, loss=loss)
+                          eos=models.eos, remat_layers=cfg.model.remat_layers, loss=loss,
+                          microbatch_rows=cfg.train.microbatch_rows)
 
 
 def _rollout_spec(cfg: RunConfig, models: Models, behavior: str) -> RolloutSpec:
@@ -335,9 +367,11 @@ def _one_update(run: _Run, k: int, pool: concurrent.futures.ThreadPoolExecutor) 
                        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
     keys = row_keys(jax.random.fold_in(run.rollout_key, k), np.arange(len(rows)))
     spec = _rollout_spec(cfg, models, plan.behavior)
+    params_s, config_s = inference_student(run.state.params, models.config_s, run.mesh)
     with jax.set_mesh(run.mesh):
-        ro = rollout(run.state.params, run.params_t, prompts, keys, knobs,
-                     student_config=models.config_s, teacher_config=models.config_t, spec=spec)
+        ro = rollout(params_s, run.params_t, prompts, keys, knobs,
+                     student_config=config_s, teacher_config=models.config_t, spec=spec)
+    del params_s
     ro_host = _fetch_tree({f.name: getattr(ro, f.name) for f in dataclasses.fields(ro)})
     t1 = time.perf_counter()
 
@@ -372,10 +406,11 @@ def _one_update(run: _Run, k: int, pool: concurrent.futures.ThreadPoolExecutor) 
 def _evaluate(run: _Run, updates: int) -> dict[str, float]:
     out = {}
     ev, models = run.cfg.eval, run.models
+    params_s, config_s = inference_student(run.state.params, models.config_s, run.mesh)
     for ds, (problems, answers) in run.eval_sets:
         with jax.set_mesh(run.mesh):
             res = evaluation.evaluate_dataset(
-                ds.name, problems, answers, params=run.state.params, config=models.config_s,
+                ds.name, problems, answers, params=params_s, config=config_s,
                 tokenizer=models.tokenizer_s, eos=models.eos, student_eos_id=models.student_eos_id,
                 grader=run.grader, rng=jax.random.fold_in(run.eval_key, updates),
                 num_samples=ev.num_samples, max_new_tokens=ev.max_new_tokens, ks=ev.ks,
@@ -388,8 +423,8 @@ def _evaluate(run: _Run, updates: int) -> dict[str, float]:
 
 def _setup(cfg: RunConfig, workdir: str, grader: rewards.Grader) -> tuple[_Run, int]:
     PREPARE[cfg.prepare](workdir)
-    models = load_models(cfg.model)
     mesh = make_mesh(cfg.mesh)
+    models = load_models(cfg.model, mesh)
     if jax.process_count() > 1 and not cfg.rollout.prompt_length:
         raise ConfigError("rollout.prompt_length: multi-process runs need a fixed prompt width "
                           "(every process pads its own rows to the same shape)")
@@ -400,9 +435,9 @@ def _setup(cfg: RunConfig, workdir: str, grader: rewards.Grader) -> tuple[_Run, 
     init = functools.partial(ts.init_train_state, config=train_cfg, rng=init_key)
     abstract = jax.eval_shape(init, models.params_s)
     state_sh = ts.state_shardings(train_cfg, mesh, abstract)
-    params_s = jax.device_put(models.params_s, state_sh.params)
+    params_s = jax.device_put(models.params_s, state_sh.params)  # loaded so: no copy
     params_t = jax.device_put(models.params_t,
-                              ts.teacher_shardings(train_cfg, mesh, models.params_t))
+                              ts.teacher_shardings(train_cfg, mesh, models.params_t))  # idem
     models = dataclasses.replace(models, params_s=None, params_t=None)  # one copy: in the state
 
     manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"),
@@ -523,8 +558,8 @@ def evaluate_run(cfg: RunConfig, workdir: str, *, step: int | None = None,
     PREPARE[cfg.prepare](workdir)
     model_cfg = cfg.model if student is None else dataclasses.replace(
         cfg.model, student=student, student_tokenizer=cfg.model.student_tokenizer or student)
-    models = load_models(model_cfg)
     mesh = make_mesh(cfg.mesh)
+    models = load_models(model_cfg, mesh)
     if student is None:
         train_cfg = _train_config(cfg, models, "opd")
         init = functools.partial(ts.init_train_state, config=train_cfg, rng=jax.random.key(0))
@@ -542,13 +577,14 @@ def evaluate_run(cfg: RunConfig, workdir: str, *, step: int | None = None,
     else:
         params, tag = models.params_s, os.path.basename(os.path.normpath(student))
         source = student
+    params, config_s = inference_student(params, models.config_s, mesh)
     ev = cfg.eval
     out: dict[str, Any] = {"source": source, "num_samples": ev.num_samples, "datasets": {}}
     with rewards.Grader(cfg.train.grader_workers) as grader, jax.set_mesh(mesh):
         for ds in cfg.eval.datasets:
             problems, answers = evaluation.load_eval_problems(ds)
             res = evaluation.evaluate_dataset(
-                ds.name, problems, answers, params=params, config=models.config_s,
+                ds.name, problems, answers, params=params, config=config_s,
                 tokenizer=models.tokenizer_s, eos=models.eos,
                 student_eos_id=models.student_eos_id, grader=grader,
                 rng=jax.random.key(seed), num_samples=ev.num_samples,
