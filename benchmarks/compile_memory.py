@@ -180,7 +180,11 @@ def main(argv=None) -> None:
                          "one row per batch shard on the v5e-8 mesh)")
     ap.add_argument("--attention", default="reference", help="model.attention (when the model has it)")
     ap.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    ap.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table(json.loads(args.out.read_text())["results"]))
+        return
     pairs = args.pair or ["qwen3_0p6b_4b", "qwen3_1p7b_8b"]
     hws = args.hardware or ["h100", "v5e8"]
     programs = args.program or list(PROGRAMS)
@@ -218,6 +222,42 @@ def main(argv=None) -> None:
                                                 "method": __doc__.split("XLA:CPU is a proxy")[1].strip(),
                                                 "jax": jax.__version__, "results": results}, indent=1) + "\n")
     print(f"wrote {args.out}")
+
+
+def _plan_gb(pair: str, hw_key: str, program: str) -> float | None:
+    """The on-paper figure of scripts/memory_plan.py for the same pair / hardware (its own
+    assumptions: 8 rows per device, no micro-batching, flash attention for the train peak)."""
+    path = RESULTS.parent / "memory_plan.json"
+    if not path.exists():
+        return None
+    hw_name = {"h100": "8x H100 80GB (SXM)", "v5e8": "TPU v5e-8 (16 GB HBM per chip)"}[hw_key]
+    s, t = pair.split("_")[1], pair.split("_")[2]
+    for p in json.loads(path.read_text())["plans"]:
+        if p["hardware"] == hw_name and p["pair"] == f"qwen3_{s} <- qwen3_{t}":
+            return p["rollout_peak_gb"] if program in ("prefill", "decode") else p["train_peak_gb_flash_attention"]
+    return None
+
+
+def table(results: list[dict]) -> str:
+    """Markdown: one row per (pair, hardware, program, attention)."""
+    head = ("| pair | hardware, mesh (data, fsdp, tensor) | program | attention | rows x tokens, micro-batch "
+            "| arguments | outputs - aliased | temps bf16 (CPU upcast) | temps f32 | **estimate** | budget "
+            "| on-paper plan |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in sorted(results, key=lambda r: (r["pair"], r["hardware_key"], r["attention"], -r["rows"] * (r["prompt"] + r["response"]) if r["program"] in ("prefill", "decode") else 0, PROGRAMS.index(r["program"]))):
+        b, f = r.get("bf16", {}), r.get("f32", {})
+        mesh = r["mesh"]
+        mb = f"{r['rows']} x {r['prompt'] + r['response']}" + (
+            f", {r['microbatch_rows']}" if r["program"].startswith("train") else "")
+        plan = _plan_gb(r["pair"], r["hardware_key"], r["program"])
+        g = lambda x: f"{x / GB:.1f}" if x is not None else "-"  # noqa: E731
+        lines.append(
+            f"| {r['pair']} | {r['hardware'].split(' (')[0]}, {mesh['data']}, {mesh['fsdp']}, {mesh['tensor']} "
+            f"| {r['program']} | {r['attention']} | {mb} | {g(b.get('arguments'))} "
+            f"| {g(b['outputs'] - b['aliased']) if b else '-'} | {g(b.get('temporaries'))} | {g(f.get('temporaries'))} "
+            f"| **{r.get('estimate_gb', '-')}** {'fits' if r.get('fits') else 'OVER'} | {r['budget_gb']} "
+            f"| {plan if plan is not None else '-'} |")
+    return "\n".join(lines)
 
 
 def _estimate(entry: dict) -> dict:
