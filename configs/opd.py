@@ -8,7 +8,7 @@ Args (comma separated key=value):
           (Qwen3-1.7B-Base <- Qwen3-8B).
   method  vanilla | trb (default) | fixed_eps | skd | temperature | sft_warmup | veto.
 
-Settings from the paper (spec section 5; seed 000): 25,600 OpenThoughts3 prompts with the
+Settings from the paper (docs/method.md, section 5): 25,600 OpenThoughts3 prompts with the
 system prompt "Please reason step by step, and put your final answer within \\boxed{}.",
 top-k 16 reverse KL, eps_0 grid {0.001, 0.005, 0.01, 0.02, 0.05} (default 0.01), SKD K = 15 and
 tau_T = 0.2, temperature warmup tau_0 in {0.8, 0.9, 0.95} (default 0.9), SFT warmup checkpoints
@@ -26,7 +26,7 @@ PAIRS = {
     "qwen3_1p7b_8b": ("Qwen/Qwen3-1.7B-Base", "Qwen/Qwen3-8B"),
 }
 
-# Evaluation suites per pair (spec section 5). Hub ids and field names of the public copies.
+# Evaluation suites per pair (docs/method.md, section 5). Hub ids and field names of the public copies.
 BENCHMARKS = {
     "math500": dict(source="HuggingFaceH4/MATH-500", split="test"),
     "aime24": dict(source="HuggingFaceH4/aime_2024", split="train"),

@@ -1,4 +1,4 @@
-"""Step-0 prefix probe (spec §6): are TRB's prefixes better than the student's own?
+"""Step-0 prefix probe (docs/method.md §6): are TRB's prefixes better than the student's own?
 
     python experiments/prefix_probe.py [--problems 256] [--eps0 0.1] [--lengths 4,8,16,24]
 

@@ -22,6 +22,8 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 _COMMON = dict(
     deadline=None,  # the first example of each test pays for XLA compilation
     derandomize=True,
+    database=None,  # no replay of examples saved by an earlier run: every run is the same
+    print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile("ci", max_examples=200, **_COMMON)
@@ -29,3 +31,21 @@ settings.register_profile("dev", max_examples=50, **_COMMON)
 # Fresh random examples each run, for hunting new failures by hand (not used by CI).
 settings.register_profile("explore", max_examples=500, **{**_COMMON, "derandomize": False})
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+import random  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed_global_rngs():
+    """Every test starts from the same global RNG states (python, NumPy, torch when imported), so
+    a test that forgets to seed its own generator is still the same test on every run."""
+    random.seed(0)
+    np.random.seed(0)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(0)
+    yield

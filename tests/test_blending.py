@@ -114,6 +114,43 @@ def test_properties_qwen3_vocab(kind, seed, scale, eps, solver):
     assert_solution_properties(s, t, eps, res)
 
 
+@pytest.mark.parametrize("solver", blending.SOLVERS)
+@pytest.mark.parametrize("kind", ("random", "masked"))
+def test_constraint_holds_in_float64_at_qwen3_vocab_for_budgets_up_to_one(kind, solver):
+    """The guarantee is about the true KL: at V = 151,936 the float64 D at the returned beta is
+    within eps (1 + 1e-5) + 1e-9 for budgets up to 1 (a plain float32 reduce over V rounds at
+    ~sqrt(V) 2^-24 ~ 2e-5 relative, enough to break this on some CPUs)."""
+    eps = np.array([1e-3, 0.1, 0.5, 1.0], np.float32)
+    for scale in (1.0, 4.0, 6.0):
+        s, t = make_pair(kind, 0, vocab=QWEN3_VOCAB, rows=4, scale=scale)
+        res = trust_region_blend(s, t, eps, solver=solver)
+        for i in range(4):
+            d64 = ref.blend_kl64(s[i], t[i], float(res.beta[i]))
+            assert d64 <= float(eps[i]) * (1 + 1e-5) + 1e-9, (scale, i, float(res.beta[i]), d64)
+            assert abs(float(res.kl[i]) - d64) <= 2e-6 * float(eps[i]) + 1e-9, (scale, i, d64)
+
+
+def test_vocabulary_sums_are_precise_in_float32():
+    rng = np.random.default_rng(0)
+    x = rng.lognormal(size=(3, QWEN3_VOCAB))
+    x = x.astype(np.float32)
+    want = x.astype(np.float64).sum(-1)
+    got = np.asarray(jax.jit(blending._sum_v)(jnp.asarray(x)), np.float64)
+    # Tree of 64-wide blocks: worst case ~(64 x levels) 2^-24 relative; in practice far below.
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    # Adversarial order: one large term then many terms below its rounding step. A running
+    # float32 sum (what a reduce may compile to on some CPU) never moves off 1.0: 4.6e-3 lost.
+    y = np.full((1, QWEN3_VOCAB), 3e-8, np.float32)
+    y[0, 0] = 1.0
+    exact = 1.0 + 3e-8 * (QWEN3_VOCAB - 1)
+    running = np.add.accumulate(y[0], dtype=np.float32)[-1]
+    assert abs(running - exact) / exact > 4e-3
+    got_y = float(jax.jit(blending._sum_v)(jnp.asarray(y))[0])
+    assert abs(got_y - exact) / exact < 64 * 2.0**-24
+    kept = np.asarray(jax.jit(lambda v: blending._sum_v(v, keepdims=True))(jnp.asarray(x[:, :100])))
+    np.testing.assert_allclose(kept[:, 0], x[:, :100].astype(np.float64).sum(-1), rtol=1e-6)
+
+
 @given(
     kind=st.sampled_from(("random", "masked", "near_identical", "large")),
     seed=st.integers(0, 2**31 - 1),
@@ -140,14 +177,14 @@ def test_newton_and_bisection_agree(kind, seed, scale, eps):
 
 @pytest.mark.parametrize("solver", blending.SOLVERS)
 def test_worked_example_from_spec(solver):
-    """pi_S = [0.7, 0.3], pi_T = [0.2, 0.8] (spec: 'Worked example'), against the float64 solve."""
+    """pi_S = [0.7, 0.3], pi_T = [0.2, 0.8] (docs/method.md, 'Worked example'), against the float64 solve."""
     s = np.log(np.array([[0.7, 0.3]] * 4, np.float32))
     t = np.log(np.array([[0.2, 0.8]] * 4, np.float32))
     eps = np.array([0.001, 0.01, 0.05, 0.1], np.float32)
     res = trust_region_blend(s, t, eps, solver=solver)
     want = [ref.solve_beta64(s[i], t[i], float(eps[i])) for i in range(4)]
     np.testing.assert_allclose(np.asarray(res.beta), want, atol=1e-6)
-    # The spec's printed values (5 decimals) are what the float64 solve gives.
+    # docs/method.md's printed values (5 decimals) are what the float64 solve gives.
     np.testing.assert_allclose(want, [0.04315, 0.13341, 0.29000, 0.40555], atol=5e-6)
     np.testing.assert_allclose(np.asarray(res.kl), eps, rtol=1e-4)
     for beta, mu, d in [(0.25, [0.5717, 0.4283], 0.0367), (0.5, [0.4330, 0.5670], 0.1529),

@@ -254,7 +254,7 @@ def test_hub_failure_is_one_clear_line():
     assert "\n" not in str(info.value) and info.value.__cause__ is not None
 
 
-# Sharded loading (issue #7); the 8-device version is in tests/test_sharding.py.
+# Sharded loading; the 8-device version is in tests/test_sharding.py.
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_sharded_from_pretrained_equals_whole_load(saved, dtype):
     from trb_jax import sharding

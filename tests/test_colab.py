@@ -66,7 +66,7 @@ def test_notebook_runs_in_small_mode(tmp_path, monkeypatch):
     everything = "\n".join(texts)
     assert "trb_jax already importable: skipping the install" in texts[0]
     assert "on [CpuDevice" in everything and "small mode: True" in everything
-    # The worked example of the spec, solved by JAX (asserted inside the notebook as well).
+    # The worked example of docs/method.md, solved by JAX (asserted inside the notebook as well).
     assert "worked example OK: beta* = 0.04315, 0.13341, 0.29000, 0.40555" in everything
     # The real toy pair: an interior beta* under eps = 0.1.
     line = next(t for t in everything.splitlines() if t.startswith("eps = 0.1: beta* = "))

@@ -102,6 +102,7 @@ class _nullcontext:
     ("model.compute_dtype", "float16", "model.compute_dtype: must be '' or one of"),
     ("train.microbatch_rows", -1, "train.microbatch_rows: must be >= 0, got -1"),
     ("train.microbatch_rows", 3, "train.microbatch_rows: 3 must divide the 8 rows per step"),
+    ("model.attention", "flash", "model.attention: must be one of"),
     ("model.teacher", "", "model.teacher: a teacher checkpoint path is required"),
     ("data.source", "", "data.source: a prompt file or hub dataset id is required"),
     ("data.shuffle_seed", -1, "data.shuffle_seed: must be >= 0, got -1"),

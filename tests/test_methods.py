@@ -1,4 +1,4 @@
-"""The warmup-method table: each method's per-update plan against its definition (spec §2, §4)."""
+"""The warmup-method table: each method's per-update plan against its definition (docs/method.md §2, §4)."""
 
 import pytest
 

@@ -1,6 +1,7 @@
 """Numeric parity of trb_jax.models.qwen3 with transformers' PyTorch Qwen3 on tiny random models."""
 
 import collections
+import dataclasses
 import functools
 import math
 
@@ -25,12 +26,25 @@ def _params_from_torch(model, dtype="float32"):
     return params, config
 
 
+# Every attention implementation that runs on CPU. "auto" on CPU is "xla" at these lengths;
+# "blockwise" uses 4-token blocks so 12-token sequences and 16-slot caches span several blocks.
+CPU_ATTENTION = {"xla": {"attention": "xla"},
+                 "blockwise": {"attention": "blockwise", "attention_block_size": 4}}
+
+
 @pytest.fixture(scope="module", params=list(TINY_VARIANTS))
-def pair(request):
-    """(HF float32 model, our params, our config) for one attention/tying variant."""
+def hf_pair(request):
     model = tiny_hf_model(seed=0, **TINY_VARIANTS[request.param])
     params, config = _params_from_torch(model)
     return model, params, config
+
+
+@pytest.fixture(scope="module", params=list(CPU_ATTENTION))
+def pair(request, hf_pair):
+    """(HF float32 model, our params, our config) for one attention/tying variant and one CPU
+    attention implementation."""
+    model, params, config = hf_pair
+    return model, params, dataclasses.replace(config, **CPU_ATTENTION[request.param])
 
 
 def _t(x):
@@ -91,7 +105,7 @@ def _layer_inputs(model, seed=2, t=9):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(2, t, model.config.hidden_size)).astype(np.float32)
     positions = np.broadcast_to(np.arange(t), (2, t))
-    return x, positions, np.tril(np.ones((t, t), bool))[None].repeat(2, 0)
+    return x, positions, np.ones((2, t), np.int32)
 
 
 def test_attention_matches_hf(pair):
@@ -106,8 +120,8 @@ def test_attention_matches_hf(pair):
     assert _max_rel_err(got, want.numpy()) <= 1e-5
 
 
-def test_mlp_matches_hf(pair):
-    model, params, _ = pair
+def test_mlp_matches_hf(hf_pair):
+    model, params, _ = hf_pair
     x, _, _ = _layer_inputs(model)
     with torch.inference_mode():
         want = model.model.layers[1].mlp(_t(x)).numpy()
@@ -173,11 +187,13 @@ def _log_softmax(x):
     return x - np.logaddexp.reduce(x, axis=-1, keepdims=True)
 
 
+@pytest.mark.parametrize("impl", list(CPU_ATTENTION))
 @pytest.mark.parametrize("variant", ["gqa2_tied_hd16", "gqa4_untied_hd4"])
-def test_forward_bfloat16_kl_to_hf(variant):
+def test_forward_bfloat16_kl_to_hf(variant, impl):
     model = tiny_hf_model(seed=0, **TINY_VARIANTS[variant])
     hf_bf16 = tiny_hf_model(seed=0, **TINY_VARIANTS[variant]).to(torch.bfloat16)
     params, config = _params_from_torch(hf_bf16, dtype="bfloat16")
+    config = dataclasses.replace(config, **CPU_ATTENTION[impl])
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
     ids = np.random.default_rng(5).integers(0, config.vocab_size, size=(3, 12)).astype(np.int32)
     want = hf_logits(hf_bf16, ids)
@@ -255,6 +271,8 @@ def test_config_errors():
         qwen3.Qwen3Config(num_heads=3, num_kv_heads=2, **base)
     with pytest.raises(ValueError, match="param_dtype='float16'"):
         qwen3.Qwen3Config(num_heads=2, num_kv_heads=2, param_dtype="float16", **base)
+    with pytest.raises(ValueError, match="attention='flash'; expected one of"):
+        qwen3.Qwen3Config(num_heads=2, num_kv_heads=2, attention="flash", **base)
 
 
 # ------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def _random_rows(seed, n=24, vocab=9, mask_prob=0.3):
 
 
 # ------------------------------------------------------------------------------------------
-# worked example of the spec
+# the worked example of docs/method.md
 # ------------------------------------------------------------------------------------------
 def test_worked_example_kl():
     assert abs(nr.forward_kl_full64(S_EX, T_EX) - 0.534111) < 5e-7

@@ -287,7 +287,7 @@ import os, signal, sys
 from trb_jax.rewards import Grader
 if __name__ == "__main__":
     g = Grader(2)
-    print(" ".join(str(p) for p in g._executor._processes), flush=True)
+    print(" ".join(str(p) for p in g.worker_pids), flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 """
 

@@ -120,7 +120,7 @@ def test_sharded_forward_and_decode_equal_unsharded_on_8_cpu_devices():
 
 
 # ------------------------------------------------------------------------------------------
-# Scale-out (issue #7): mesh configuration, rule overrides, and on 8 fake CPU devices the
+# Scale-out: mesh configuration, rule overrides, and on 8 fake CPU devices the
 # sharded train step / rollout / init / checkpoint loading against one device.
 
 # Tiny student/teacher pair whose sharded dims divide 8 (so FSDP over 8 devices splits them).

@@ -107,7 +107,7 @@ def test_shipped_world_matches_the_build():
 
 
 def test_shipped_models_meet_the_accuracy_targets():
-    """Issue #6's acceptance, measured live: teacher pass@1 >= 0.9, Base student in (0, 0.4].
+    """The toy world's accuracy targets, measured live: teacher pass@1 >= 0.9, Base student in (0, 0.4].
     256 problems x 1 sample (one compiled batch); the shipped build.json reports 0.993 / 0.126
     on 500 x 2, and with these standard errors (<= 0.03) the bounds hold with a wide margin."""
     result = build.evaluate(build.ensure_toy_world(), n_problems=256, n_samples=1)

@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from fake_devices import run_on_fake_devices
@@ -130,6 +131,33 @@ def assert_trees_close(got, want, tol=1e-5):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=tol, rtol=tol)
 
 
+def assert_first_adam_steps_close(state_a, state_b, params0, cfg, rel=1e-5):
+    """Two first AdamW steps from the same params agree, compared where Adam is well conditioned.
+
+    Adam's first update is lr * g / (|g| + eps): an element whose gradient is float32 reduction
+    noise (|g| below the two runs' gradient difference) may flip sign and move by up to 2 lr, so
+    post-Adam params are not comparable there. Instead: (1) the clipped gradients, read from the
+    first moment mu = (1 - b1) g, agree to `rel` of the largest one; (2) where |g| is 1e3 times that
+    difference, the updates agree to float32 rounding of the params.
+    """
+    b1 = cfg.optim.b1
+    mu_a = optax.tree_utils.tree_get(state_a.opt_state, "mu")
+    mu_b = optax.tree_utils.tree_get(state_b.opt_state, "mu")
+    leaves = zip(*(jax.tree.leaves(t) for t in (mu_a, mu_b, state_a.params, state_b.params, params0)))
+    checked = 0
+    for m_a, m_b, p_a, p_b, p0 in leaves:
+        g_a, g_b = (np.asarray(m, np.float64) / (1 - b1) for m in (m_a, m_b))
+        atol_g = rel * np.abs(g_b).max()
+        np.testing.assert_allclose(g_a, g_b, atol=atol_g, rtol=rel)
+        well = np.abs(g_b) > 1e3 * atol_g
+        checked += int(well.sum())
+        d_a = np.asarray(p_a, np.float64) - np.asarray(p0, np.float64)
+        d_b = np.asarray(p_b, np.float64) - np.asarray(p0, np.float64)
+        rounding = 4 * 2.0**-24 * (np.abs(np.asarray(p0, np.float64)) + np.abs(d_b))
+        assert np.all(np.abs(d_a - d_b)[well] <= rounding[well] + 1e-4 * np.abs(d_b)[well])
+    assert checked > 0
+
+
 # ------------------------------------------------------------------------------------------
 
 
@@ -218,7 +246,7 @@ def test_stored_mode_step_equals_teacher_mode_step():
     state_a, m_a = step(fresh_state(cfg), stored_batch(batch))
     for name in ("loss", "grad_norm", "student_topk_mass", "num_tokens", "learning_rate"):
         np.testing.assert_allclose(m_a[name], m_b[name], rtol=1e-5, atol=1e-6, err_msg=name)
-    assert_trees_close(state_a.params, state_b.params)
+    assert_first_adam_steps_close(state_a, state_b, PARAMS_S, cfg)
     assert float(m_a["num_tokens"]) == float(np.asarray(batch.response_mask_bt).sum())
     assert step.jitted._cache_size() == 2  # one program per mode
     # Per-row metrics [B] against float64 from the full logits (the stored mode has no teacher
@@ -585,10 +613,9 @@ def _eight_device_check():
     from trb_jax import sharding
 
     assert jax.device_count() == 8, jax.devices()
-    # A small learning rate: Adam's first update is lr * g / (|g| + 1e-8), which turns float32
-    # reduction-order noise on near-zero gradients into differences of up to 2 lr; the
-    # gradients themselves are compared through the first moment (mu = (1 - b1) g).
-    cfg = config(3, peak_lr=1e-5)
+    # Sharded reductions run in another order: compared as gradients and well-conditioned
+    # updates (assert_first_adam_steps_close), not raw post-Adam params.
+    cfg = config(3)
     batch = make_batch(7, b=8)
     rng = jax.random.key(0)
     want = {}
@@ -597,8 +624,7 @@ def _eight_device_check():
     # fields and equals it on one device (test_stored_mode_step_equals_teacher_mode_step).
     for mode, bt, tp in (("teacher", batch, PARAMS_T),):
         state, metrics = step(fresh_state(cfg), bt, tp)
-        want[mode] = (jax.tree.map(np.asarray, state.params), jax.tree.map(np.asarray, metrics),
-                      jax.tree.map(np.asarray, state.opt_state[1][0].mu))
+        want[mode] = (jax.device_get(state), jax.tree.map(np.asarray, metrics))
 
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     abstract = jax.eval_shape(lambda p: ts.init_train_state(p, cfg, rng), PARAMS_S)
@@ -620,10 +646,9 @@ def _eight_device_check():
         assert state.params["lm_head_dv"].sharding.is_equivalent_to(NamedSharding(mesh, Spec("fsdp", "tensor")), 2)
         # Compare the first step only: rebuild and take one step.
         state, metrics = sharded_step(init(jax.device_put(PARAMS_S, state_sh.params)), jax.device_put(bt, batch_sh), tp)
-        want_params, want_metrics, want_mu = want[mode]
-        assert_trees_close(state.params, want_params)
-        for got_m, want_m in zip(jax.tree.leaves(state.opt_state[1][0].mu), jax.tree.leaves(want_mu)):
-            np.testing.assert_allclose(got_m, want_m, atol=1e-5 * np.abs(want_m).max())
+        want_state = want[mode][0]
+        want_metrics = want[mode][1]
+        assert_first_adam_steps_close(jax.device_get(state), want_state, PARAMS_S, cfg)
         for name, value in want_metrics.items():
             np.testing.assert_allclose(metrics[name], value, rtol=1e-5, atol=1e-6, err_msg=f"{mode} {name}")
     print("EIGHT_DEVICE_TRAIN_STEP_OK")

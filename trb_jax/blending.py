@@ -80,12 +80,42 @@ class _RowStats(NamedTuple):
     s_rel: jax.Array  # [..., V] raw student logits minus their max over I, 0 off I
 
 
+_SUM_BLOCK = 64
+
+
+def _sum_v(x: jax.Array, keepdims: bool = False) -> jax.Array:
+    """Sum over the last (vocabulary) axis as a tree of 64-wide blocks.
+
+    A single float32 reduce over 151,936 terms accumulates rounding like a running sum (about
+    sqrt(V) * 2^-24 relative, 2e-5 at Qwen3's vocabulary, and more on some CPUs), which is larger
+    than the solver's 1e-5 budget tolerance. Blocks of 64 summed level by level bound the error by
+    about (64 * levels) * 2^-24 * sum|x| in the worst case and ~1e-7 typically. The optimization
+    barrier stops XLA from folding the levels back into one reduce.
+    """
+    while x.shape[-1] > _SUM_BLOCK:
+        n = x.shape[-1]
+        pad = (-n) % _SUM_BLOCK
+        if pad:
+            x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+        x = jnp.sum(x.reshape(*x.shape[:-1], (n + pad) // _SUM_BLOCK, _SUM_BLOCK), axis=-1)
+        x = jax.lax.optimization_barrier(x)
+    return jnp.sum(x, axis=-1, keepdims=keepdims)
+
+
+def _log_softmax_v(x: jax.Array) -> jax.Array:
+    """log_softmax over the last axis with the normaliser summed by `_sum_v` (-inf stays -inf)."""
+    m = jnp.max(x, axis=-1, keepdims=True)
+    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+    shifted = x - m
+    return shifted - jnp.log(_sum_v(jnp.exp(shifted), keepdims=True))
+
+
 def _masked_lse(x: jax.Array, mask: jax.Array) -> jax.Array:
     """logsumexp over mask (-inf for an empty mask, never NaN)."""
     x_m = jnp.where(mask, x, -jnp.inf)
     m = jnp.max(x_m, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
-    return jnp.log(jnp.sum(jnp.exp(x_m - m), axis=-1)) + m[..., 0]
+    return jnp.log(_sum_v(jnp.exp(x_m - m))) + m[..., 0]
 
 
 def _two_diff(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -110,7 +140,9 @@ def _row_stats(student_logits: jax.Array, teacher_logits: jax.Array) -> _RowStat
     t_in_s = ~jnp.any(in_t & ~in_s, axis=-1)
 
     # Condition pi_S on I in log space: a token whose pi_S underflows to 0 in float32 is still
-    # in I and can carry most of mu_beta's mass once beta > 0.
+    # in I and can carry most of mu_beta's mass once beta > 0. log_s itself is jax.nn's (the
+    # exact beta = 0 end returns it bit for bit); lse_in, summed precisely, removes the rounding
+    # of its normaliser from the weights.
     lse_in = _masked_lse(log_s, in_i)
     lse_out = _masked_lse(log_s, out_s)
     log_w = jnp.where(in_i, log_s - jnp.where(has_overlap, lse_in, 0.0)[..., None], -jnp.inf)
@@ -126,16 +158,16 @@ def _row_stats(student_logits: jax.Array, teacher_logits: jax.Array) -> _RowStat
     # logits as an exact hi + lo pair: log-softmax outputs and a plain float32 difference both
     # round at the logits' magnitude, far above r's spread for near-identical policies.
     r_hi, r_lo = _two_diff(jnp.where(in_i, t32, 0.0), jnp.where(in_i, s32, 0.0))
-    r_mean = jnp.sum(w_in * r_hi, axis=-1) + jnp.sum(w_in * r_lo, axis=-1)
+    r_mean = _sum_v(w_in * r_hi) + _sum_v(w_in * r_lo)
     rc1 = jnp.where(in_i, (r_hi - r_mean[..., None]) + r_lo, 0.0)
     # Second centring pass: when r carries a large constant (teacher logits offset by 3e4),
     # the first mean rounds at that magnitude, and a leftover mean comparable to r's spread
     # would spoil the series form's cancellation.
-    rc = jnp.where(in_i, rc1 - jnp.sum(w_in * rc1, axis=-1, keepdims=True), 0.0)
+    rc = jnp.where(in_i, rc1 - _sum_v(w_in * rc1, keepdims=True), 0.0)
     w_rc = w_in * rc
-    var_s = jnp.sum(w_rc * rc, axis=-1)
-    m1 = jnp.sum(w_rc, axis=-1)
-    m3 = jnp.sum(w_rc * rc * rc, axis=-1)
+    var_s = _sum_v(w_rc * rc)
+    m1 = _sum_v(w_rc)
+    m3 = _sum_v(w_rc * rc * rc)
     s_max_in = jnp.max(jnp.where(in_i, s32, -jnp.inf), axis=-1, keepdims=True)
     s_rel = jnp.where(in_i, s32 - jnp.where(jnp.isfinite(s_max_in), s_max_in, 0.0), 0.0)
     return _RowStats(log_s, log_t, in_i, log_w, w_in, rc, log_mass_in, has_overlap, t_in_s, var_s,
@@ -158,7 +190,7 @@ def _log1p_sum_exp(d: jax.Array, mask: jax.Array) -> jax.Array:
     """log(1 + sum_{mask} e^d) over the last axis, to relative precision when the sum is small."""
     d_m = jnp.where(mask, d, -jnp.inf)
     m = jnp.maximum(jnp.max(d_m, axis=-1), 0.0)
-    total = jnp.sum(jnp.exp(d_m - m[..., None]), axis=-1)
+    total = _sum_v(jnp.exp(d_m - m[..., None]))
     return jnp.where(m > 0, m + jnp.log(jnp.exp(-m) + total), jnp.log1p(total))
 
 
@@ -176,9 +208,9 @@ def _moments_series(st: _RowStats, beta: jax.Array) -> _Moments:
     """
     x = beta[..., None] * st.rc
     wh = st.w_in * _expm1_minus_x(x)
-    a = beta * st.m1 + jnp.sum(wh, axis=-1)
-    e_rc = st.m1 + beta * st.var_s + jnp.sum(wh * st.rc, axis=-1)
-    e_rc2 = st.var_s + beta * st.m3 + jnp.sum(wh * st.rc * st.rc, axis=-1)
+    a = beta * st.m1 + _sum_v(wh)
+    e_rc = st.m1 + beta * st.var_s + _sum_v(wh * st.rc)
+    e_rc2 = st.var_s + beta * st.m3 + _sum_v(wh * st.rc * st.rc)
     z = jnp.maximum(1.0 + a, jnp.finfo(jnp.float32).tiny)
     mean_mu = e_rc / z
     var_mu = jnp.maximum(e_rc2 / z - mean_mu * mean_mu, 0.0)
@@ -206,8 +238,8 @@ def _moments_pivot(st: _RowStats, beta: jax.Array) -> _Moments:
     log1p_p = _log1p_sum_exp(dv, not_star)
     log1p_q = _log1p_sum_exp(ds, not_star)
     mu = jnp.where(not_star, jnp.exp(jnp.where(not_star, dv, 0.0) - log1p_p[..., None]), 0.0)
-    e_drc = jnp.sum(mu * drc, axis=-1)
-    var_mu = jnp.maximum(jnp.sum(mu * drc * drc, axis=-1) - e_drc * e_drc, 0.0)
+    e_drc = _sum_v(mu * drc)
+    var_mu = jnp.maximum(_sum_v(mu * drc * drc) - e_drc * e_drc, 0.0)
     d = beta * e_drc - log1p_p + log1p_q - st.log_mass_in
     return _Moments(d=d, var_mu=var_mu)
 
@@ -240,7 +272,7 @@ def _kl_at(st: _RowStats, beta: jax.Array) -> jax.Array:
 def _log_mu(st: _RowStats, beta: jax.Array) -> jax.Array:
     """Normalised log mu_beta with beta == 0 -> log pi_S and beta == 1 -> log pi_T exactly."""
     logits = jnp.where(st.in_i, st.log_s, -jnp.inf) + beta[..., None] * st.rc
-    interior = jax.nn.log_softmax(logits, axis=-1)
+    interior = _log_softmax_v(logits)
     # An empty intersection only ever pairs with beta = 0 (D = inf elsewhere).
     interior = jnp.where(st.has_overlap[..., None], interior, st.log_s)
     b = beta[..., None]
@@ -253,7 +285,7 @@ def _kl_rough(st: _RowStats) -> tuple[jax.Array, jax.Array]:
     p_t = jnp.where(st.in_i, jnp.exp(st.log_t), 0.0)
     log_s = jnp.where(st.in_i, st.log_s, 0.0)
     log_t = jnp.where(st.in_i, st.log_t, 0.0)
-    kl = jnp.sum(p_t * (log_t - log_s), axis=-1)
+    kl = _sum_v(p_t * (log_t - log_s))
     err = 1e-4 + 1e-5 * jnp.sum(p_t * (jnp.abs(log_t) + jnp.abs(log_s)), axis=-1)
     return jnp.where(st.t_in_s & st.has_overlap, kl, jnp.inf), err
 

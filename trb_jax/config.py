@@ -16,6 +16,7 @@ import ml_collections
 
 from trb_jax import data as data_lib
 from trb_jax.methods import MethodConfig
+from trb_jax.models import attention as attention_lib
 from trb_jax.train_step import OptimConfig
 
 __all__ = [
@@ -54,6 +55,8 @@ class ModelConfig:
       allow_bf16_adamw  param_dtype "bfloat16" is refused unless this is True: AdamW on
                      bfloat16 weights drops every update below the bf16 spacing (at lr 1e-6
                      about 98% of the weights of a fresh model never move).
+    attention: the attention implementation of both models (`Qwen3Config.attention`): "auto"
+    (the best for the backend), "xla" (reference), "blockwise", "cudnn" (GPU) or "splash" (TPU).
     """
 
     student: str = ""
@@ -65,6 +68,7 @@ class ModelConfig:
     teacher_dtype: str = ""
     allow_bf16_adamw: bool = False
     remat_layers: bool = False
+    attention: str = "auto"
 
     @property
     def student_compute_dtype(self) -> str:
@@ -292,6 +296,8 @@ def to_run_config(cd: ml_collections.ConfigDict, *, workdir: str | None = None) 
            "model.param_dtype: bfloat16 trained weights lose AdamW updates below the bf16 "
            "spacing; use float32 master weights with model.compute_dtype='bfloat16', or set "
            "model.allow_bf16_adamw=True")
+    _check(model.attention in attention_lib.IMPLEMENTATIONS,
+           f"model.attention: must be one of {attention_lib.IMPLEMENTATIONS}, got {model.attention!r}")
 
     data = _convert(data_lib.DataConfig, cd.data, "data.")
     data = dataclasses.replace(data, source=_sub(data.source, workdir))
@@ -364,8 +370,7 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
 
 
 def repo_config_path(name: str) -> str:
-    """configs/<name>.py of this checkout (the configs live next to the package)."""
-    import os
+    """configs/<name>.py of this checkout, or of the installed package (trb_jax.config_files)."""
+    from trb_jax import config_files
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.path.join(root, "configs", f"{name}.py")
+    return config_files.find(f"{name}.py") or f"{config_files.CONFIG_DIR}/{name}.py"

@@ -1,19 +1,18 @@
 """Verifier rewards (math-verify, 1.0 correct / 0.0 otherwise) and evaluation metrics.
 
 `grade` scores one response against one reference answer. `Grader` scores batches in a pool
-of spawned worker processes with a per-item wall-clock deadline enforced by the parent, so a
+of spawned worker processes (pebble's ProcessPool) with a per-item wall-clock deadline, so a
 pathological expression can cost at most `timeout_s` seconds and a 0.0, never a hung trainer:
 math-verify's own timeouts use `signal.alarm`, which only works in the main thread of a
 process (and not at all inside a JAX host callback or a data-loader thread). See docs/rewards.md.
 
 Metrics: `pass_at_k` (the unbiased estimator of Chen et al. 2021), `pass_at_1_mean`,
 `pass_at_k_mean` over a `[problems, samples]` correctness matrix, and `auroc` for the
-teacher-support-score diagnostic (trb-method.md section 6).
+teacher-support-score diagnostic (docs/method.md, section 6).
 """
 
 from __future__ import annotations
 
-import collections
 import functools
 import math
 import multiprocessing
@@ -22,10 +21,10 @@ import os
 import threading
 import time
 from concurrent import futures
-from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Sequence
 
 import numpy as np
+import pebble
 
 __all__ = [
     "grade",
@@ -117,8 +116,8 @@ _READY_BARRIER = None
 
 
 def _exit_when_orphaned(parent_pid: int, period_s: float = 1.0) -> None:
-    # A parent killed with SIGKILL (preemption, OOM, kill -9) cannot shut the pool down, and the
-    # workers' queues stay open (each worker holds both ends), so they would idle forever.
+    # A parent killed with SIGKILL (preemption, OOM, kill -9) cannot stop the pool; an idle
+    # worker sees its pipe close, but one stuck in a hung item would run on forever.
     while os.getppid() == parent_pid:
         time.sleep(period_s)
     os._exit(0)
@@ -140,31 +139,14 @@ def _wait_ready(timeout_s: float) -> int:
 # ---- parent side ---------------------------------------------------------------------------
 
 
-def _kill_executor(executor: futures.ProcessPoolExecutor) -> None:
-    """Shuts the pool down without waiting on its (possibly hung) workers."""
-    # Python 3.11 has no public terminate_workers(); _processes is the pid -> Process map.
-    processes = list((getattr(executor, "_processes", None) or {}).values())
-    executor.shutdown(wait=False, cancel_futures=True)
-    for p in processes:
-        if p.is_alive():
-            p.terminate()
-    for p in processes:
-        p.join(timeout=2.0)
-        if p.is_alive():
-            p.kill()
-            p.join(timeout=2.0)
-
-
 class Grader:
     """Grades batches in a pool of worker processes with a per-item wall-clock deadline.
 
     Use as a context manager (or call `close`). Not thread-safe: one `grade_batch` at a time.
-    At most `max_workers` items are in flight, each submitted to an idle, already-started worker,
-    so an item's deadline (submit time + timeout_s) measures its own grading time. An item past
-    its deadline scores 0.0 and the pool is killed and re-created (a hung worker cannot be
-    interrupted otherwise); the other in-flight items are resubmitted to the new pool. If a
-    worker dies (segfault, OOM kill), the affected items are retried one at a time, and an item
-    that kills a worker on its own scores 0.0.
+    The pool is pebble's `ProcessPool`: each item runs alone in a worker, its deadline counts
+    from the moment a worker starts it, and an item past its deadline has its worker killed and
+    replaced (a hung worker cannot be interrupted otherwise) and scores 0.0. An item whose worker
+    dies under it (segfault, OOM kill) scores 0.0 too; the other items are not affected.
 
     Args:
       max_workers: worker processes (default min(8, cpu_count)).
@@ -172,6 +154,9 @@ class Grader:
         JAX's threads can deadlock).
       startup_timeout_s: how long (re)starting the pool may take before RuntimeError.
       _grade_fn: module-level (picklable) `(response, answer) -> float`, for tests.
+    Attributes:
+      num_restarts: workers replaced after a timeout or a crash (for logging).
+      worker_pids: the pids of the workers the pool started with.
     """
 
     def __init__(
@@ -194,9 +179,10 @@ class Grader:
         self._ctx = multiprocessing.get_context(start_method)
         self._startup_timeout_s = float(startup_timeout_s)
         self._grade_fn = _grade_fn
-        self._executor: futures.ProcessPoolExecutor | None = None
+        self._pool: pebble.ProcessPool | None = None
         self._closed = False
-        self.num_restarts = 0  # pools killed after a timeout or a dead worker (for logging)
+        self.num_restarts = 0
+        self.worker_pids: list[int] = []
         self._start()
 
     def __enter__(self) -> "Grader":
@@ -206,53 +192,41 @@ class Grader:
         self.close()
 
     def close(self) -> None:
-        """Kills the workers; the Grader cannot be used afterwards."""
+        """Stops the workers; the Grader cannot be used afterwards."""
         self._closed = True
-        self._kill()
+        self._stop()
 
-    def _kill(self) -> None:
-        if self._executor is not None:
-            executor, self._executor = self._executor, None
-            _kill_executor(executor)
+    def _stop(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.stop()
+            pool.join()
 
-    def _start(self) -> futures.ProcessPoolExecutor:
-        if self._executor is not None:
-            return self._executor
-        barrier = self._ctx.Barrier(self._max_workers)
-        executor = futures.ProcessPoolExecutor(
-            self._max_workers,
-            mp_context=self._ctx,
-            initializer=_init_worker,
-            initargs=(barrier,),
-        )
-        # Submitting max_workers tasks spawns every worker now (3.11 spawns on demand), so
-        # process start-up and imports never count against an item's deadline.
-        ready = [
-            executor.submit(_wait_ready, self._startup_timeout_s) for _ in range(self._max_workers)
-        ]
+    def _start(self) -> pebble.ProcessPool:
+        if self._pool is not None and self._pool.active:
+            return self._pool
+        self._stop()  # a pool whose channels broke (pebble: BrokenProcessPool) is replaced
+        pool = pebble.ProcessPool(self._max_workers, initializer=_init_worker,
+                                  initargs=(self._ctx.Barrier(self._max_workers),),
+                                  context=self._ctx)
+        # One startup task per worker: every worker has imported math-verify before the first
+        # item, and a pool that cannot start (no `__main__` guard under spawn) fails here.
+        ready = [pool.schedule(_wait_ready, (self._startup_timeout_s,))
+                 for _ in range(self._max_workers)]
         done, not_done = futures.wait(ready, timeout=self._startup_timeout_s + 5.0)
         errors = [f.exception() for f in done if f.exception() is not None]
         if not_done or errors:
-            _kill_executor(executor)
+            pool.stop()
+            pool.join()
             raise RuntimeError(
                 f"grading pool of {self._max_workers} workers did not start within "
                 f"{self._startup_timeout_s} s"
                 + (f": {errors[0]!r}" if errors else "")
                 + " (scripts using spawn need an `if __name__ == '__main__':` guard)"
             )
-        self._executor = executor
-        return executor
-
-    def _restart(self) -> None:
-        self.num_restarts += 1
-        self._kill()  # the next submit starts a fresh pool lazily
-
-    def _submit(self, response: str, answer: str) -> futures.Future:
-        try:
-            return self._start().submit(self._grade_fn, response, answer)
-        except BrokenProcessPool:  # a worker died after the last wait() looked
-            self._restart()
-            return self._start().submit(self._grade_fn, response, answer)
+        self.worker_pids = sorted(f.result() for f in ready)
+        self._pool = pool
+        return pool
 
     def grade_batch(
         self, responses: Sequence[str], answers: Sequence[str], timeout_s: float = 5.0
@@ -267,58 +241,17 @@ class Grader:
             raise ValueError(f"timeout_s must be a finite number > 0, got {timeout_s}")
         if self._closed:
             raise RuntimeError("Grader is closed")
+        pool = self._start()
+        pending = [pool.schedule(self._grade_fn, (r, a), timeout=timeout_s)
+                   for r, a in zip(responses, answers)]
         rewards_b = np.zeros(len(responses), np.float32)
-        pending = collections.deque(range(len(responses)))
-        suspects: set[int] = set()  # items in flight when a worker died: retried alone
-        inflight: dict[futures.Future, tuple[int, float]] = {}  # future -> (item, deadline)
-
-        def take(fut: futures.Future, item: int) -> bool:
-            """Stores a finished item's reward; False if its worker died under it."""
+        for item, fut in enumerate(pending):
             try:
                 rewards_b[item] = 1.0 if float(fut.result()) == 1.0 else 0.0
-            except BrokenProcessPool:
-                return False
+            except (TimeoutError, pebble.ProcessExpired):  # pebble replaced the worker
+                self.num_restarts += 1
             except Exception:  # noqa: BLE001 - a reward is 0.0 whatever went wrong
-                rewards_b[item] = 0.0
-            return True
-
-        while pending or inflight:
-            while pending and len(inflight) < self._max_workers:
-                alone = pending[0] in suspects
-                if inflight and (alone or any(i in suspects for i, _ in inflight.values())):
-                    break
-                item = pending.popleft()
-                fut = self._submit(responses[item], answers[item])
-                inflight[fut] = (item, time.monotonic() + timeout_s)
-            next_deadline = min(d for _, d in inflight.values())
-            done, _ = futures.wait(
-                list(inflight),
-                timeout=max(0.0, next_deadline - time.monotonic()),
-                return_when=futures.FIRST_COMPLETED,
-            )
-            broken = []
-            for fut in done:
-                item, _ = inflight.pop(fut)
-                if not take(fut, item):
-                    broken.append(item)
-            now = time.monotonic()
-            expired = [f for f, (_, d) in inflight.items() if d <= now and not f.done()]
-            if not (broken or expired):
-                continue
-            for fut in expired:
-                inflight.pop(fut)  # scores 0.0
-            # The pool dies with the hung or crashed worker: save what finished, requeue the rest.
-            survivors = []
-            for fut, (item, _) in inflight.items():
-                if not (fut.done() and take(fut, item)):
-                    survivors.append(item)
-            inflight.clear()
-            for item in broken:
-                if item not in suspects:  # alone, a suspect that breaks the pool is the culprit
-                    suspects.add(item)
-                    survivors.append(item)
-            pending.extendleft(sorted(survivors, reverse=True))
-            self._restart()
+                pass
         return rewards_b
 
 

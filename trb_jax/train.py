@@ -54,4 +54,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from trb_jax.config_files import resolve_argv  # configs/ of the checkout or the install
+
+    app.run(main, argv=resolve_argv(sys.argv))

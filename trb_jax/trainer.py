@@ -206,7 +206,7 @@ def _row_means(x_bt: np.ndarray, mask_bt: np.ndarray) -> np.ndarray:
 
 def rollout_metrics(ro_host: dict[str, np.ndarray], plan: methods.StepPlan, rewards_b: np.ndarray,
                     step_metrics: dict[str, np.ndarray]) -> dict[str, float]:
-    """The per-step diagnostics of the paper (section 6 of the spec) from host arrays."""
+    """The per-step diagnostics of the paper (docs/method.md, section 6) from host arrays."""
     mask = ro_host["response_mask_bt"].astype(bool)
     lengths = ro_host["lengths_b"]
     out: dict[str, float] = {

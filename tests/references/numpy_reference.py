@@ -4,7 +4,7 @@ Slow and deliberately explicit: every function works on ONE row (1-D logits over
 and loops over entries where that makes the zero-probability conventions obvious.  Use
 ``apply_rows`` to map a row function over leading dimensions.
 
-Conventions (see shared/spec/trb-method.md, sections 1-3):
+Conventions (see docs/method.md, sections 1-3):
   * logits may contain -inf (masked tokens); a row with every entry -inf is invalid.
   * mu_beta ∝ pi_S^(1-beta) pi_T^beta.  beta == 0 -> exactly pi_S, beta == 1 -> exactly pi_T,
     0 < beta < 1 -> supported on I = {pi_S > 0 and pi_T > 0} (undefined, ``None``, if I is empty).

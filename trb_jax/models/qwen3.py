@@ -19,6 +19,10 @@ Numerics mirror transformers' Qwen3 (modeling_qwen3.py) so that bf16 results mat
 RMSNorm normalises in float32, casts back to the activation dtype, *then* multiplies the weight;
 RoPE's cos/sin are computed in float32 and cast to the activation dtype; attention scores and
 softmax are float32; logits are computed in the compute dtype and returned as float32.
+
+Attention itself lives in `trb_jax.models.attention` (reference einsum, blockwise/flash, cuDNN,
+TPU splash), chosen by `Qwen3Config.attention`; this file only builds q, k, v and the masks'
+inputs (which tokens are real, and for decode how many cache slots are filled).
 """
 
 from __future__ import annotations
@@ -31,16 +35,12 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from trb_jax.models import attention as attention_lib
 from trb_jax.sharding import constrain
 
 Params = dict[str, Any]
 
 DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-# Softmax input for masked keys. Finite (not -inf) so that a query with no visible key (a left
-# padding slot) gets a uniform, finite distribution instead of NaN.
-_MASKED_SCORE = float(jnp.finfo(jnp.float32).min)
-
 
 @dataclasses.dataclass(frozen=True)
 class Qwen3Config:
@@ -48,6 +48,9 @@ class Qwen3Config:
 
     param_dtype is the storage dtype of the weights; compute_dtype is the dtype of activations
     and matmul inputs (weights are cast to it at use). Both are "float32" or "bfloat16".
+    attention names the attention implementation (`attention.IMPLEMENTATIONS`: "auto", "xla",
+    "blockwise", "cudnn", "splash"); attention_block_size is the query/key block of the
+    blockwise path and of the length-bounded decode loop. Neither changes the architecture.
     """
 
     vocab_size: int
@@ -63,6 +66,8 @@ class Qwen3Config:
     max_position_embeddings: int = 40960
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
+    attention: str = "auto"
+    attention_block_size: int = attention_lib.DEFAULT_BLOCK_SIZE
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -72,6 +77,9 @@ class Qwen3Config:
         for field in ("param_dtype", "compute_dtype"):
             if getattr(self, field) not in DTYPES:
                 raise ValueError(f"{field}={getattr(self, field)!r}; expected one of {list(DTYPES)}")
+        attention_lib.check_implementation(self.attention)
+        if self.attention_block_size < 1:
+            raise ValueError(f"attention_block_size={self.attention_block_size} must be >= 1")
 
     def with_dtype(self, param_dtype: str, compute_dtype: str | None = None) -> Qwen3Config:
         """The same architecture with a new dtype policy (compute defaults to param dtype)."""
@@ -248,24 +256,15 @@ def project_qkv(lp: Params, config: Qwen3Config, x_btd: jax.Array, positions_bt:
     return q_btnh, k_btkh, v_btkh
 
 
-def dot_product_attention(
-    q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: jax.Array
-) -> jax.Array:
-    """Grouped-query softmax attention; query head i reads KV head i // (n // k).
+# The reference attention with an explicit [b, t, s] mask (see `attention.masked_attention`).
+dot_product_attention = attention_lib.masked_attention
 
-    mask_bts is True where query t may attend to key s. Scores and softmax are float32; the
-    result [b, t, n, h] has q's dtype.
-    """
-    b, t, n, h = q_btnh.shape
-    num_kv = k_bskh.shape[2]
-    q_btkgh = q_btnh.reshape(b, t, num_kv, n // num_kv, h)
-    scores_bkgts = jnp.einsum(
-        "btkgh,bskh->bkgts", q_btkgh, k_bskh, preferred_element_type=jnp.float32
-    ) * (h**-0.5)
-    scores_bkgts = jnp.where(mask_bts[:, None, None, :, :], scores_bkgts, _MASKED_SCORE)
-    probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bskh.dtype)
-    out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_bskh)
-    return out_btkgh.reshape(b, t, n, h)
+
+def self_attention(config: Qwen3Config, q_btnh, k_btkh, v_btkh, valid_bt) -> jax.Array:
+    """Causal attention over real tokens with the config's implementation -> [b, t, n, h]."""
+    return attention_lib.self_attention(
+        q_btnh, k_btkh, v_btkh, valid_bt, impl=config.attention, block_size=config.attention_block_size
+    )
 
 
 def mlp(lp: Params, x_btd: jax.Array) -> jax.Array:
@@ -288,16 +287,18 @@ def _decoder_layer(lp, config, x_btd, positions_bt, attend):
     return x_btd, aux
 
 
-def attention(lp, config, x_btd, positions_bt, mask_bts) -> jax.Array:
-    """Self-attention sublayer of one layer (no residual, no input norm) -> [b, t, d]."""
+def attention(lp, config, x_btd, positions_bt, valid_bt) -> jax.Array:
+    """Causal self-attention sublayer of one layer (no residual, no input norm) -> [b, t, d].
+
+    valid_bt [b, t]: 1/True = real token (keys that are not real are masked)."""
     q_btnh, k_btkh, v_btkh = project_qkv(lp, config, x_btd, positions_bt)
-    out_btnh = dot_product_attention(q_btnh, k_btkh, v_btkh, mask_bts)
+    out_btnh = self_attention(config, q_btnh, k_btkh, v_btkh, valid_bt)
     return jnp.einsum("btnh,nhd->btd", out_btnh, lp["o_nhd"].astype(x_btd.dtype))
 
 
-def decoder_layer(lp, config, x_btd, positions_bt, mask_bts) -> jax.Array:
-    """One decoder layer over a full sequence with an explicit [b, t, t] attention mask."""
-    attend = lambda q, k, v: (dot_product_attention(q, k, v, mask_bts), None)  # noqa: E731
+def decoder_layer(lp, config, x_btd, positions_bt, valid_bt) -> jax.Array:
+    """One causal decoder layer over a full sequence; valid_bt [b, t] marks the real tokens."""
+    attend = lambda q, k, v: (self_attention(config, q, k, v, valid_bt), None)  # noqa: E731
     return _decoder_layer(lp, config, x_btd, positions_bt, attend)[0]
 
 
@@ -325,12 +326,6 @@ def unembed(params: Params, config: Qwen3Config, x_btd: jax.Array) -> jax.Array:
     return constrain(logits_btv.astype(jnp.float32), ("batch", "length", "vocab"))
 
 
-def _causal_mask_bts(attention_mask_bt: jax.Array) -> jax.Array:
-    t = attention_mask_bt.shape[-1]
-    causal_ts = jnp.tril(jnp.ones((t, t), dtype=bool))
-    return causal_ts[None] & attention_mask_bt.astype(bool)[:, None, :]
-
-
 # ---------------------------------------------------------------------------------------------
 # Full forward
 
@@ -348,10 +343,9 @@ def hidden_states(
     if attention_mask_bt is None:
         attention_mask_bt = jnp.ones(input_ids_bt.shape, jnp.int32)
     positions_bt = positions_from_mask(attention_mask_bt)
-    mask_bts = _causal_mask_bts(attention_mask_bt)
 
     def body(x_btd, lp):
-        return decoder_layer(lp, config, x_btd, positions_bt, mask_bts), None
+        return decoder_layer(lp, config, x_btd, positions_bt, attention_mask_bt), None
 
     if remat:
         body = jax.checkpoint(body)
@@ -419,11 +413,12 @@ def prefill(
         raise ValueError(f"cache_len={cache_len} is shorter than the prompt length {t}")
     dt = DTYPES[config.compute_dtype]
     positions_bt = positions_from_mask(attention_mask_bt)
-    mask_bts = _causal_mask_bts(attention_mask_bt)
     x_btd = embed(params, config, input_ids_bt)
 
     def body(x_btd, lp):
-        attend = lambda q, k, v: (dot_product_attention(q, k, v, mask_bts), (k, v))  # noqa: E731
+        def attend(q, k, v):
+            return self_attention(config, q, k, v, attention_mask_bt), (k, v)
+
         return _decoder_layer(lp, config, x_btd, positions_bt, attend)
 
     x_btd, (k_lbtkh, v_lbtkh) = jax.lax.scan(body, x_btd, params["layers"])
@@ -446,8 +441,10 @@ def decode_step(
 ) -> tuple[jax.Array, KVCache]:
     """Append one token per row and return (its next-token logits [b, v] f32, updated cache).
 
-    Cost is one token through the network plus attention over cache_len slots; nothing is
-    recomputed. The caller keeps cache.index < cache_len (a full cache overwrites its last slot).
+    Cost is one token through the network plus attention over the filled slots [0, index]
+    (key blocks of `config.attention_block_size`; the reference "xla" attention, and "auto" on
+    CPU when the cache is a single block, read all cache_len slots); nothing is recomputed.
+    The caller keeps cache.index < cache_len (a full cache overwrites its last slot).
     Jit with `donate_argnames="cache"` so the cache is updated in place.
     """
     index = cache.index
@@ -455,7 +452,10 @@ def decode_step(
     valid_bs = jax.lax.dynamic_update_slice_in_dim(
         cache.valid_bs, jnp.ones((token_b.shape[0], 1), bool), index, axis=1
     )
-    mask_b1s = valid_bs[:, None, :]
+    decode_impl = attention_lib.resolve(
+        config.attention, seq_len=cache.k_lbskh.shape[2], head_dim=config.head_dim,
+        dtype=DTYPES[config.compute_dtype], block_size=config.attention_block_size,
+    )
     x_b1d = embed(params, config, token_b[:, None])
 
     # The cache rides in the scan carry (not xs/ys) so each layer writes one slot in place
@@ -471,10 +471,12 @@ def decode_step(
             v_cache = jax.lax.dynamic_update_slice(
                 v_lbskh, v_b1kh[None].astype(v_lbskh.dtype), (layer, 0, index, 0, 0)
             )
-            out_b1nh = dot_product_attention(
-                q_b1nh, k_cache[layer].astype(q_b1nh.dtype), v_cache[layer].astype(q_b1nh.dtype), mask_b1s
+            out_bnh = attention_lib.decode_attention(
+                q_b1nh[:, 0], k_cache, v_cache, layer, valid_bs, index + 1,
+                impl="xla" if decode_impl == "xla" else "blockwise",
+                block_size=config.attention_block_size,
             )
-            return out_b1nh, (k_cache, v_cache)
+            return out_bnh[:, None], (k_cache, v_cache)
 
         x_b1d, (k_lbskh, v_lbskh) = _decoder_layer(lp, config, x_b1d, positions_b1, attend)
         return (x_b1d, k_lbskh, v_lbskh), None

@@ -2,7 +2,7 @@
 
     python -m trb_jax.tools.blend_demo [--solver newton] [--eps 0.001 0.01 0.05 0.1]
 
-1. The spec's worked example (pi_S = [0.7, 0.3], pi_T = [0.2, 0.8]): beta*, KL(mu*||pi_S) and the
+1. The worked example of docs/method.md (pi_S = [0.7, 0.3], pi_T = [0.2, 0.8]): beta*, KL(mu*||pi_S) and the
    blended distribution for each budget, with the small-budget estimate sqrt(2 eps / Var).
 2. A Qwen3-sized pair (V = 151,936, seeded LM-like logits, the two models' EOS tokens merged
    into one stop event), with the full teacher and with the teacher masked to its top-p 0.99

@@ -1,0 +1,1 @@
+"""Run configs (`get_config(arg) -> ConfigDict`); installed as the package `trb_jax.configs`."""
