@@ -112,6 +112,8 @@ def load_models(model_cfg, mesh: Mesh | None = None) -> Models:
     t = hf_checkpoint.from_pretrained(model_cfg.teacher, dtype=model_cfg.teacher_param_dtype,
                                       compute_dtype=compute, mesh=mesh,
                                       rules=sharding.INFERENCE_AXIS_RULES)
+    s_config = dataclasses.replace(s.config, attention=model_cfg.attention)
+    t_config = dataclasses.replace(t.config, attention=model_cfg.attention)
     if s.config.vocab_size != t.config.vocab_size:
         raise ConfigError(
             f"model.teacher: vocabulary mismatch: student vocab_size {s.config.vocab_size} vs "
@@ -124,7 +126,7 @@ def load_models(model_cfg, mesh: Mesh | None = None) -> Models:
     student_eos = _eos_ids(tok_s, model_cfg.student, "model.student_tokenizer")
     teacher_eos = _eos_ids(tok_t, model_cfg.teacher, "model.teacher_tokenizer")
     eos = EosMap.from_ids(student_eos, teacher_eos)
-    return Models(s.params, s.config, t.params, t.config, tok_s, tok_t, eos,
+    return Models(s.params, s_config, t.params, t_config, tok_s, tok_t, eos,
                   student_eos[0], teacher_eos[0])
 
 
