@@ -1,8 +1,10 @@
 """Compiled per-device memory of the real programs at the paper's sizes, on 8 fake CPU devices.
 
-    JAX_PLATFORMS=cpu python benchmarks/compile_memory.py            # both pairs, H100 + v5e-8
-    python benchmarks/compile_memory.py --pair qwen3_0p6b_4b --hardware h100 --attention xla
-    python benchmarks/compile_memory.py --rows 64 --prompt 1024 --response 8192 --microbatch-rows 8
+    JAX_PLATFORMS=cpu python benchmarks/compile_memory.py     # both pairs, H100 + v5e-8, blockwise
+    python benchmarks/compile_memory.py --attention xla        # the reference einsum attention
+    python benchmarks/compile_memory.py --pair qwen3_0p6b_4b --hardware h100 --program train_teacher \
+        --microbatch-rows 64                                   # one pass over all rows
+    python benchmarks/compile_memory.py --table --attention blockwise   # markdown from the JSON
 
 For each paper pair of configs/opd.py (model sizes, dtype policy, remat, chunk size, top-k,
 micro-batch, mesh) this builds the programs a run executes, from `jax.ShapeDtypeStruct` inputs
@@ -178,10 +180,12 @@ def main(argv=None) -> None:
                          "attention, the CPU stand-in for cudnn (H100) / splash (TPU), which "
                          "'auto' picks there; xla: the reference einsum ([S, S] scores)")
     ap.add_argument("--out", type=pathlib.Path, default=RESULTS)
-    ap.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
+    ap.add_argument("--table", action="store_true",
+                    help="print the markdown table of --out for --attention and exit")
     args = ap.parse_args(argv)
     if args.table:
-        print(table(json.loads(args.out.read_text())["results"]))
+        print(table([r for r in json.loads(args.out.read_text())["results"]
+                     if r["attention"] == args.attention]))
         return
     pairs = args.pair or ["qwen3_0p6b_4b", "qwen3_1p7b_8b"]
     hws = args.hardware or ["h100", "v5e8"]
@@ -211,9 +215,7 @@ def main(argv=None) -> None:
                         f"{k} {v / GB:.2f} GB" if k != "compile_s" else f"{v} s"
                         for k, v in entry[policy].items()), flush=True)
                 entry.update(_estimate(entry))
-                results = [r for r in results if (r["pair"], r["hardware_key"], r["program"], r["attention"],
-                                                  r["rows"], r["response"]) !=
-                           (pair, hw_name, program, args.attention, args.rows, args.response)] + [entry]
+                results = [r for r in results if _key(r) != _key(entry)] + [entry]
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps({"command": "python benchmarks/compile_memory.py "
                                                 + " ".join(argv or sys.argv[1:]),
@@ -256,6 +258,12 @@ def table(results: list[dict]) -> str:
             f"| **{r.get('estimate_gb', '-')}** {'fits' if r.get('fits') else 'OVER'} | {r['budget_gb']} "
             f"| {plan if plan is not None else '-'} |")
     return "\n".join(lines)
+
+
+def _key(r: dict) -> tuple:
+    mb = r.get("microbatch_rows") if r["program"].startswith("train") else None
+    return (r["pair"], r["hardware_key"], r["program"], r["attention"], r["rows"], r["prompt"],
+            r["response"], mb)
 
 
 def _estimate(entry: dict) -> dict:
