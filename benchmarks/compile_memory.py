@@ -30,7 +30,9 @@ activations) that a GPU/TPU program does not. Each program is therefore compiled
 
 The estimate per device is arguments + outputs - aliased (donated) bytes of the bf16 program plus
 min(temporaries bf16, temporaries f32): both are upper bounds of the bf16 program's
-temporaries on a backend without the upcast. The raw figures are all in the JSON.
+temporaries on a backend without the upcast. The rollout programs (prefill, decode) also add
+the TrainState (float32 student + AdamW) that the trainer keeps alive while they run. The raw
+figures are all in the JSON.
 """
 
 from __future__ import annotations
@@ -182,10 +184,15 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=pathlib.Path, default=RESULTS)
     ap.add_argument("--table", action="store_true",
                     help="print the markdown table of --out for --attention and exit")
+    ap.add_argument("--refresh", action="store_true", help="recompute the estimates in --out and exit")
     args = ap.parse_args(argv)
-    if args.table:
-        print(table([r for r in json.loads(args.out.read_text())["results"]
-                     if r["attention"] == args.attention]))
+    if args.table or args.refresh:
+        payload = json.loads(args.out.read_text())
+        payload["results"] = [{**r, **_estimate(r)} for r in payload["results"]]
+        if args.refresh:
+            args.out.write_text(json.dumps(payload, indent=1) + "\n")
+        if args.table:
+            print(table([r for r in payload["results"] if r["attention"] == args.attention]))
         return
     pairs = args.pair or ["qwen3_0p6b_4b", "qwen3_1p7b_8b"]
     hws = args.hardware or ["h100", "v5e8"]
@@ -216,6 +223,7 @@ def main(argv=None) -> None:
                         for k, v in entry[policy].items()), flush=True)
                 entry.update(_estimate(entry))
                 results = [r for r in results if _key(r) != _key(entry)] + [entry]
+                results = [{**r, **_estimate(r)} for r in results]
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps({"command": "python benchmarks/compile_memory.py "
                                                 + " ".join(argv or sys.argv[1:]),
@@ -241,7 +249,7 @@ def _plan_gb(pair: str, hw_key: str, program: str) -> float | None:
 def table(results: list[dict]) -> str:
     """Markdown: one row per (pair, hardware, program, attention)."""
     head = ("| pair | hardware, mesh (data, fsdp, tensor) | program | attention | rows x tokens, micro-batch "
-            "| arguments | outputs - aliased | temps bf16 (CPU upcast) | temps f32 | **estimate** | budget "
+            "| arguments | outputs - aliased | temps bf16 (CPU upcast) | temps f32 | + TrainState held | **estimate** | budget "
             "| on-paper plan |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in sorted(results, key=lambda r: (r["pair"], r["hardware_key"], r["attention"], -r["rows"] * (r["prompt"] + r["response"]) if r["program"] in ("prefill", "decode") else 0, PROGRAMS.index(r["program"]))):
@@ -256,6 +264,7 @@ def table(results: list[dict]) -> str:
             f"| {r['pair']} | {r['hardware'].split(' (')[0]}, {mesh['data']}, {mesh['fsdp']}, {mesh['tensor']} "
             f"| {r['program']} | {r['attention']} | {mb} | {g(b.get('arguments'))} "
             f"| {g(b['outputs'] - b['aliased']) if b else '-'} | {g(b.get('temporaries'))} | {g(f.get('temporaries'))} "
+            f"| {r.get('held_train_state_gb') or '-'} "
             f"| **{r.get('estimate_gb', '-')}** {'fits' if r.get('fits') else 'OVER'} | {r['budget_gb']} "
             f"| {plan if plan is not None else '-'} |")
     return "\n".join(lines)
@@ -267,15 +276,37 @@ def _key(r: dict) -> tuple:
             r["response"], mb)
 
 
+@functools.lru_cache(maxsize=None)
+def _train_state_bytes(pair: str, hw_key: str) -> int:
+    """Per-device bytes of the TrainState (float32 student + AdamW), which the trainer keeps
+    alive while the rollout runs (the rollout programs' arguments hold only the bf16 copy)."""
+    cd = config_lib.load_config_file(str(ROOT / "configs" / "opd.py"), f"pair={pair}")
+    args = argparse.Namespace(microbatch_rows=None, attention="xla", rows=8, prompt=8, response=8)
+    _, progs, _ = build(config_lib.to_run_config(cd, workdir="/tmp"), HARDWARE[hw_key], args, "bf16")
+    state = progs["train_stored"][1][0]
+    total = 0
+    for x in jax.tree.leaves(state):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            continue
+        n = 1
+        for d in x.sharding.shard_shape(x.shape):
+            n *= d
+        total += n * x.dtype.itemsize
+    return total
+
+
 def _estimate(entry: dict) -> dict:
+    """Per-device estimate (see the module docstring); rollout programs add the TrainState the
+    trainer holds meanwhile."""
     b = entry.get("bf16")
     if b is None:
         return {}
     temps = [b["temporaries"]] + ([entry["f32"]["temporaries"]] if "f32" in entry else [])
-    est = b["arguments"] + b["outputs"] - b["aliased"] + min(temps)
-    raw = b["arguments"] + b["outputs"] - b["aliased"] + b["temporaries"]
-    return {"estimate_gb": round(est / GB, 2), "raw_bf16_peak_gb": round(raw / GB, 2),
-            "fits": est / GB <= entry["budget_gb"]}
+    held = _train_state_bytes(entry["pair"], entry["hardware_key"]) if entry["program"] in ("prefill", "decode") else 0
+    est = b["arguments"] + b["outputs"] - b["aliased"] + min(temps) + held
+    raw = b["arguments"] + b["outputs"] - b["aliased"] + b["temporaries"] + held
+    return {"held_train_state_gb": round(held / GB, 2), "estimate_gb": round(est / GB, 2),
+            "raw_bf16_peak_gb": round(raw / GB, 2), "fits": est / GB <= entry["budget_gb"]}
 
 
 if __name__ == "__main__":
