@@ -2,6 +2,9 @@
 
     JAX_PLATFORMS=cpu python benchmarks/bench_attention.py                 # both parts
     JAX_PLATFORMS=cpu python benchmarks/bench_attention.py --part memory   # or --part decode
+    JAX_PLATFORMS=cpu python benchmarks/bench_attention.py --part decode-memory
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
+        python benchmarks/bench_attention.py --part sharded
 
 memory: a small Qwen3 (d 256, 2 layers, 4 query / 2 KV heads, head_dim 64, vocab 2,048, one row,
 float32, per-layer remat as the train step's remat_layers) — mean next-token NLL and its gradient
@@ -19,7 +22,17 @@ in place) runs `--steps` consecutive steps from an early (64) and a late (4,000)
 filled length; blocks of 512). Early/late and both implementations are interleaved per repeat
 in one process (shared-CPU noise hits all four alike).
 
-Results -> benchmarks/results/attention.json (machine, command, raw numbers).
+decode-memory: compiled (not run) `decode_step` of the 0.6B shapes cut to 2 layers and a
+1,024-token vocabulary, 8 rows x 9,216 cache slots, cache donated, one device: XLA's
+temporaries for xla / blockwise x float32 / bfloat16.
+
+sharded: compiled (not run) gradient of mean(hidden_states^2) of the 0.6B preset cut to 2
+layers, float32, 8 rows sharded over fsdp = 8 fake CPU devices (one row per device), per-layer
+remat, at S = 2,304 / 4,608 / 9,216 / 18,432 (blockwise) and 9,216 (xla): per-device
+temporaries and the number of collectives in the program.
+
+Results -> benchmarks/results/attention.json (machine, command, raw numbers; each part replaces
+only its own key).
 """
 
 from __future__ import annotations
@@ -175,20 +188,75 @@ def run_decode(repeats: int, steps: int, cache_len: int = 4096, batch: int = 8,
             "block_size": 512, "ms_per_step_raw": times, "summary": summary}
 
 
+def decode_memory() -> list[dict]:
+    rows = []
+    for impl in IMPLS:
+        for dt in ("float32", "bfloat16"):
+            cfg = dataclasses.replace(qwen3.qwen3_0p6b, num_layers=2, vocab_size=1024,
+                                      attention=impl).with_dtype(dt)
+            params = jax.eval_shape(lambda: qwen3.init_params(cfg, jax.random.key(0)))
+            b, s = 8, 9216
+            kv = jax.ShapeDtypeStruct((2, b, s, 8, 128), jnp.dtype(dt))
+            cache = qwen3.KVCache(kv, kv, jax.ShapeDtypeStruct((b, s), jnp.bool_),
+                                  jax.ShapeDtypeStruct((b,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32))
+            tok = jax.ShapeDtypeStruct((b,), jnp.int32)
+            step = jax.jit(qwen3.decode_step, static_argnames="config", donate_argnames="cache")
+            row = {"impl": impl, "dtype": dt, "cache_bytes": 2 * kv.size * kv.dtype.itemsize,
+                   **_memory(step.lower(params, cfg, tok, cache).compile())}
+            print(f"decode-memory {impl:9s} {dt:8s} temp {row['temp_bytes'] / 2**30:.3f} GiB", flush=True)
+            rows.append(row)
+    return rows
+
+
+def sharded_memory() -> list[dict]:
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from trb_jax import sharding
+
+    if jax.device_count() != 8:
+        raise SystemExit("--part sharded needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    mesh = sharding.make_mesh(data=1, fsdp=8, tensor=1)
+    rows = []
+    for impl, s in [("xla", 9216)] + [("blockwise", s) for s in (2304, 4608, 9216, 18432)]:
+        cfg = dataclasses.replace(qwen3.qwen3_0p6b, num_layers=2, attention=impl)
+        abstract = jax.eval_shape(lambda: qwen3.init_params(cfg, jax.random.key(0)))
+        params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                              abstract, sharding.param_shardings(cfg, mesh))
+        ids = jax.ShapeDtypeStruct((8, s), jnp.int32, sharding=NamedSharding(mesh, P(("data", "fsdp"))))
+
+        def loss(params, ids):
+            x = qwen3.hidden_states(params, cfg, ids, jnp.ones_like(ids), remat=True)
+            return jnp.mean(x.astype(jnp.float32) ** 2)
+
+        with jax.set_mesh(mesh):
+            compiled = jax.jit(jax.grad(loss)).lower(params, ids).compile()
+        hlo = compiled.as_text()
+        row = {"impl": impl, "seq_len": s, **_memory(compiled),
+               "collectives": {op: hlo.count(f"{op}(") for op in ("all-gather", "all-reduce", "reduce-scatter", "all-to-all")}}
+        print(f"sharded {impl:9s} S={s:6d} temp {row['temp_bytes'] / 2**30:.2f} GiB {row['collectives']}", flush=True)
+        rows.append(row)
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("all", "memory", "decode"), default="all")
+    parser.add_argument("--part", choices=("all", "memory", "decode", "decode-memory", "sharded"), default="all")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", default=str(RESULTS / "attention.json"))
     args = parser.parse_args(argv)
     out_path = pathlib.Path(args.out)
     result = json.loads(out_path.read_text()) if out_path.exists() else {}
-    result.update({"machine": machine_info(), "command": " ".join(["python"] + sys.argv)})
+    result.setdefault("commands", {})[args.part] = " ".join(["python"] + sys.argv)
+    result["machine"] = machine_info()
     if args.part in ("all", "memory"):
         result["memory"] = run_memory()
     if args.part in ("all", "decode"):
         result["decode"] = run_decode(args.repeats, args.steps)
+    if args.part in ("all", "decode-memory"):
+        result["decode_memory"] = decode_memory()
+    if args.part == "sharded":  # needs 8 (fake) devices: run it on its own
+        result["sharded"] = sharded_memory()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out_path}")

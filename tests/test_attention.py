@@ -149,6 +149,16 @@ def test_decode_attention_matches_reference(length, block_size):
         assert _rel(got, want) <= 1e-5
 
 
+def test_decode_attention_bfloat16_cache():
+    k, v, valid = (x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x for x in _cache())
+    valid = valid.at[:, 39].set(True)
+    q = jnp.asarray(np.random.default_rng(2).normal(size=(3, 4, 8)), jnp.bfloat16)
+    want = _decode(q, k, v, 1, valid, 40, impl="xla")
+    got = _decode(q, k, v, 1, valid, 40, impl="blockwise", block_size=8)
+    assert got.dtype == jnp.bfloat16
+    assert _rel(got, want) <= 2e-2
+
+
 def test_decode_never_reads_past_the_filled_blocks():
     """NaN in every key block at or after ceil(length / block) * block: the length-bounded loop
     never touches them (a masked read would still give 0 * NaN), the reference does."""
@@ -172,6 +182,7 @@ def test_auto_choice_per_backend():
     assert r(seq_len=9216, dtype=jnp.bfloat16, backend="tpu") == "splash"
     assert r(seq_len=9216, dtype=jnp.bfloat16, backend="gpu") == "cudnn"
     assert r(seq_len=9216, dtype=jnp.float32, backend="gpu") == "blockwise"  # cuDNN: half only
+    assert r(seq_len=9216, dtype=jnp.bfloat16, backend="rocm") == "blockwise"
     assert attention.resolve("auto", seq_len=9216, head_dim=12, dtype=jnp.bfloat16,
                              backend="gpu") == "blockwise"
     assert r(seq_len=9216, dtype=jnp.float32, backend="cpu") == "blockwise"
@@ -265,6 +276,22 @@ def test_splash_kernel_in_interpret_mode_matches_reference():
     assert _rel(got, want, np.asarray(valid)) <= 1e-5
     for g, w in zip(got_grads, want_grads):
         assert _rel(g, w) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cudnn_wrapper_padding_rotation_on_cpu(dtype):
+    """The cuDNN path's data movement (rotate left padding to the right, PADDING_CAUSAL with
+    sequence lengths, rotate back, zero padding queries) with jax.nn.dot_product_attention's
+    XLA implementation of the same call in place of the cuDNN kernel."""
+    q, k, v, valid, ct = _inputs(8, 2, dtype)
+    right_padded = jax.jit(functools.partial(attention._right_padded_attention, implementation="xla"))
+    want, want_grads = _value_and_grads(_reference, q, k, v, valid, ct)
+    got, got_grads = _value_and_grads(right_padded, q, k, v, valid, ct)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    assert _rel(got, want, np.asarray(valid)) <= tol
+    np.testing.assert_array_equal(np.asarray(got, np.float32)[~np.asarray(valid)], 0.0)
+    for g, w in zip(got_grads, want_grads):
+        assert _rel(g, w) <= 1.5 * tol
 
 
 @pytest.mark.skipif(jax.default_backend() != "tpu",

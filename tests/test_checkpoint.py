@@ -267,3 +267,13 @@ def test_sharded_from_pretrained_equals_whole_load(saved, dtype):
     for g, w in zip(jax.tree.leaves(got.params), jax.tree.leaves(whole.params)):
         assert isinstance(g.sharding, jax.sharding.NamedSharding) and g.dtype == w.dtype
         np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
+def test_truncated_safetensors_names_the_file(saved, tmp_path):
+    directory = tmp_path / "truncated"
+    shutil.copytree(saved["gqa2_tied_hd16", False], directory)
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # a download or copy cut short
+    with pytest.raises(checkpoint.CheckpointError, match=rf"^{weights}: not a readable "
+                                                         r"safetensors file \(.+\)$"):
+        checkpoint.from_pretrained(directory)

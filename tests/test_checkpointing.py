@@ -139,3 +139,70 @@ def _eight_device_check():
 
 def test_checkpoint_moves_between_meshes_on_8_cpu_devices():
     run_on_fake_devices("test_checkpointing", "_eight_device_check", "EIGHT_DEVICE_CHECKPOINT_OK")
+
+
+# --------------------------------------------------------------------- damaged checkpoints
+
+
+def _damage(directory, step, how):
+    import os
+    import shutil
+
+    root = os.path.join(directory, str(step))
+    if how == "extra_missing":  # the data position is gone (a copy interrupted mid-way)
+        shutil.rmtree(os.path.join(root, "extra"))
+    else:  # every array file truncated to nothing (a full disk, a torn copy)
+        for dirpath, _, files in os.walk(os.path.join(root, "state")):
+            for name in files:
+                open(os.path.join(dirpath, name), "wb").close()
+
+
+@pytest.mark.parametrize("how", ["extra_missing", "arrays_truncated"])
+def test_restore_newest_good_skips_a_damaged_latest(tmp_path, how):
+    state = random_state(0)
+    manager = ck.make_manager(tmp_path / "ckpt", save_interval_steps=1, max_to_keep=None)
+    ck.save(manager, 2, state, EXTRA)
+    ck.save(manager, 4, random_state(1), EXTRA)
+    manager.close()
+    _damage(tmp_path / "ckpt", 4, how)
+    manager = ck.make_manager(tmp_path / "ckpt", save_interval_steps=1, max_to_keep=None)
+    step, got, extra, skipped = ck.restore_newest_good(manager, ck.abstract_target(state))
+    assert step == 2 and extra == EXTRA
+    assert_states_bitwise_equal(got, state)
+    assert [s for s, _ in skipped] == [4] and "\n" not in skipped[0][1] and skipped[0][1]
+    moved = ck.set_aside(tmp_path / "ckpt", 4, tmp_path / "damaged")
+    assert moved == str(tmp_path / "damaged" / "4")
+    manager.close()
+    assert ck.all_steps(ck.make_manager(tmp_path / "ckpt")) == [2]
+
+
+def test_restore_newest_good_rejects_nan_bytes_through_validate(tmp_path):
+    """A checkpoint that restores but holds NaN weights is rejected by the caller's check."""
+    good, bad = random_state(0), random_state(1)
+    bad = bad.replace(params=jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), bad.params))
+    manager = ck.make_manager(tmp_path / "ckpt", save_interval_steps=1, max_to_keep=None)
+    ck.save(manager, 1, good, EXTRA)
+    ck.save(manager, 2, bad, EXTRA)
+
+    def validate(state, extra):
+        paths = ck.nonfinite_paths(state)
+        if paths:
+            raise FloatingPointError(f"NaN/inf in {paths[0]}")
+
+    step, got, _, skipped = ck.restore_newest_good(manager, ck.abstract_target(good), validate)
+    assert step == 1
+    assert skipped[0][0] == 2 and skipped[0][1].startswith("FloatingPointError: NaN/inf in .params")
+    assert ck.nonfinite_paths(got) == []
+    assert len(ck.nonfinite_paths(bad.params)) == len(jax.tree.leaves(bad.params))
+    manager.close()
+
+
+def test_restore_newest_good_when_nothing_restores(tmp_path):
+    manager = ck.make_manager(tmp_path / "ckpt", save_interval_steps=1, max_to_keep=None)
+    ck.save(manager, 3, random_state(0), EXTRA)
+    manager.close()
+    _damage(tmp_path / "ckpt", 3, "arrays_truncated")
+    manager = ck.make_manager(tmp_path / "ckpt", save_interval_steps=1, max_to_keep=None)
+    step, state, extra, skipped = ck.restore_newest_good(manager, ck.abstract_target(random_state(0)))
+    assert (step, state, extra) == (None, None, None) and [s for s, _ in skipped] == [3]
+    manager.close()

@@ -81,6 +81,8 @@ def test_notebook_runs_in_small_mode(tmp_path, monkeypatch):
     images = [o for c in nb.cells for o in c.get("outputs", [])
               if o.get("output_type") == "display_data" and "image/png" in o.get("data", {})]
     assert len(images) == 2  # the blend geometry and the training curves
-    # JAX vs PyTorch on both toy checkpoints.
+    # JAX vs PyTorch on both toy checkpoints, then one OPD update (train-step mode).
     assert everything.count("PASS: max per-token KL") == 2
+    assert "PASS: every check within its tolerance" in everything
+    assert (out / "small" / "compare_train_step.json").stat().st_size > 0
     assert not any(p.name for p in cwd.iterdir()), "the notebook must not write into its cwd"

@@ -89,6 +89,12 @@ class _nullcontext:
 
 @pytest.mark.parametrize("path, value, expected", [
     ("method.eps0", -0.01, "method.eps0: must be >= 0, got -0.01"),
+    # inf became a NaN eps after the warmup (inf * 0) and the teacher kept decoding
+    ("method.eps0", float("inf"), "method.eps0: must be a finite number, got inf"),
+    ("optim.peak_lr", float("nan"), "optim.peak_lr: must be a finite number, got nan"),
+    ("train.on_nonfinite", "ignore", "train.on_nonfinite: must be 'raise' or 'skip', got 'ignore'"),
+    ("data.overlong", "wrap", "data.overlong: must be one of ('drop', 'truncate', 'error'), got "
+                              "'wrap'"),
     ("method.warmup_steps", 0, "method.warmup_steps: must be > 0, got 0"),
     ("method.warmup_steps", -5, "method.warmup_steps: must be > 0, got -5"),
     ("method.name", "dagger", "method.name: unknown method 'dagger'"),

@@ -130,14 +130,16 @@ def test_missing_field_names_available_fields(tmp_path, suffix):
         _write_jsonl(path, [{"question": "q", "answer": "1"}])
     else:
         pq.write_table(pa.table({"question": ["q"], "answer": ["1"]}), path)
-    with pytest.raises(ValueError, match=r"field 'problem' not found .*available fields: "
-                                         r"\['answer', 'question'\]"):
+    where = r":1 \(record 0\)" if suffix == "jsonl" else ""
+    with pytest.raises(ValueError, match=rf"d\.{suffix}{where}: field 'problem' not found; "
+                                         r"available fields: \['answer', 'question'\]"):
         D.load_problems(D.DataConfig(source=str(path)))
 
 
 def test_missing_answer_field(tmp_path):
     path = _write_jsonl(tmp_path / "d.jsonl", [{"problem": "q", "final": "1"}])
-    with pytest.raises(ValueError, match=r"field 'answer' not found .*\['final', 'problem'\]"):
+    with pytest.raises(ValueError, match=r"d\.jsonl:1 \(record 0\): field 'answer' not found; "
+                                         r"available fields: \['final', 'problem'\]"):
         D.load_problems(D.DataConfig(source=path))
 
 
@@ -156,7 +158,8 @@ def test_empty_dataset(tmp_path, suffix):
 def test_non_string_problem(tmp_path):
     path = _write_jsonl(tmp_path / "d.jsonl", [{"problem": "ok", "answer": 1},
                                                {"problem": None, "answer": 2}])
-    with pytest.raises(ValueError, match=r"record 1 .*'problem' must be a non-empty string"):
+    with pytest.raises(ValueError, match=r"d\.jsonl:2 \(record 1\): field 'problem' must be a "
+                                         r"non-empty string"):
         D.load_problems(D.DataConfig(source=path))
 
 
@@ -310,3 +313,78 @@ def test_make_stream_resume_and_mismatch(tmp_path, tokenizers_pair):
                       state={"epoch": 0, "offset": 0, "seed": 12, "num_examples": 8})
     with pytest.raises(ValueError, match=r"cannot resume: saved num_examples 9"):
         b.load_state_dict({"epoch": 0, "offset": 0, "seed": 11, "num_examples": 9})
+
+
+# ------------------------------------------------------------------- bad records, named
+
+def test_non_utf8_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"problem": "ok", "answer": "1"}\n{"problem": "caf\xe9", "answer": "2"}\n')
+    with pytest.raises(D.DataError, match=r"d\.jsonl:2: not UTF-8 text \(byte b'\\xe9' at "
+                                          r"column 17\); save the file as UTF-8$"):
+        D.load_problems(D.DataConfig(source=str(path)))
+
+
+def test_non_utf8_json_names_file_and_line(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_bytes(b'[\n{"problem": "ok", "answer": "1"},\n{"problem": "\xff", "answer": "2"}\n]')
+    with pytest.raises(D.DataError, match=r"d\.json:3: not UTF-8 text \(byte b'\\xff'"):
+        D.load_problems(D.DataConfig(source=str(path)))
+
+
+def test_null_answer_is_refused(tmp_path):
+    path = _write_jsonl(tmp_path / "d.jsonl", [{"problem": "a", "answer": "1"},
+                                               {"problem": "b", "answer": None}])
+    with pytest.raises(D.DataError, match=r"d\.jsonl:2 \(record 1\): field 'answer' is null"):
+        D.load_problems(D.DataConfig(source=path))
+    with pytest.raises(D.DataError, match=r"e\.jsonl:1 \(record 0\): field 'answer' must be a "
+                                          r"string or a number, got list"):
+        D.load_problems(D.DataConfig(source=_write_jsonl(tmp_path / "e.jsonl",
+                                                         [{"problem": "a", "answer": [1]}])))
+
+
+def _long_data(tmp_path):
+    rows = [{"problem": p, "answer": "0"} for p in _problems(4)]
+    rows[2]["problem"] = "What is " + " + ".join(["1"] * 40) + "?"
+    return D.DataConfig(source=_write_jsonl(tmp_path / "d.jsonl", rows))
+
+
+def test_overlong_prompts_drop_truncate_error(tmp_path, tokenizers_pair):
+    s_tok, t_tok = tokenizers_pair
+    cfg = _long_data(tmp_path)
+    width = max(len(D.encode_teacher(p, t_tok)) for p in _problems(4))
+    where = f"{cfg.source}:3 (record 2)"
+
+    stream = D.make_stream(cfg, s_tok, t_tok, batch_size=3, max_length=width)  # default: drop
+    assert cfg.overlong == "drop" and len(stream) == 3
+    assert stream.report == {"records": 4, "max_length": width, "overlong": "drop",
+                             "dropped": [where], "truncated": []}
+    assert sorted(e.problem for e in next(stream)) == sorted(_problems(4)[:2] + _problems(4)[3:])
+    assert stream.where == [f"{cfg.source}:{i} (record {i - 1})" for i in (1, 2, 4)]
+
+    import dataclasses
+    cut = D.make_stream(dataclasses.replace(cfg, overlong="truncate"), s_tok, t_tok,
+                        batch_size=4, max_length=width)
+    assert len(cut) == 4 and cut.report["truncated"] == [where]
+    long = cut.example(2)
+    assert len(long.teacher_ids) == width and len(long.student_ids) <= width
+    # the end is kept: the generation prompt the teacher continues from
+    assert long.teacher_ids == D.encode_teacher(long.problem, t_tok)[-width:]
+
+    with pytest.raises(D.DataError, match=rf"^1 prompt\(s\) longer than rollout.prompt_length="
+                                          rf"{width}: .*d\.jsonl:3 \(record 2\): \d+ tokens "
+                                          r"\(data.overlong='error'"):
+        D.make_stream(dataclasses.replace(cfg, overlong="error"), s_tok, t_tok, batch_size=2,
+                      max_length=width)
+
+
+def test_upfront_tokens_equal_per_batch_tokens(tmp_path, tokenizers_pair):
+    s_tok, t_tok = tokenizers_pair
+    cfg = D.DataConfig(source=_write_jsonl(tmp_path / "d.jsonl",
+                                           [{"problem": p, "answer": "0"} for p in _problems(6)]))
+    lazy = D.PromptStream(*D.load_problems(cfg), batch_size=4, student_tokenizer=s_tok,
+                          teacher_tokenizer=t_tok)
+    eager = D.make_stream(cfg, s_tok, t_tok, batch_size=4)
+    assert eager.encoded is not None
+    for _ in range(3):
+        assert next(eager) == next(lazy)

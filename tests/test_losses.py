@@ -229,3 +229,13 @@ def test_properties_nonnegative_zero_on_match_no_nan(seed, scale, mask_frac, sam
     np.testing.assert_array_equal(np.isinf(out["reverse_full"]), np.isinf(want))
     fin = np.isfinite(want)
     np.testing.assert_allclose(out["reverse_full"][fin], want[fin], rtol=1e-4, atol=1e-5)
+
+
+def test_nan_teacher_log_probs_give_a_nan_loss_not_zero():
+    """A NaN input must surface (the trainer stops or skips the update), never read as 0."""
+    log_s = jax.nn.log_softmax(jnp.array([[1.0, 2.0, 3.0]]))
+    log_t = jnp.array([[jnp.nan, -1.0, -2.0]])
+    assert np.isnan(losses.topk_reverse_kl_from_log_probs(log_s, log_t)).all()
+    assert np.isnan(losses.kl_from_log_probs(log_s, log_t)).all()
+    # while a teacher zero under the student's support is still +inf, not NaN
+    assert losses.kl_from_log_probs(log_s, jnp.array([[-jnp.inf, -1.0, -1.0]]))[0] == jnp.inf

@@ -127,7 +127,7 @@ def _teacher_placement_check():
     mesh = sharding.make_mesh(data=1, fsdp=2, tensor=4)
     model = C.ModelConfig(student=f"{world}/student", teacher=f"{world}/teacher",
                           compute_dtype="bfloat16", teacher_dtype="bfloat16")
-    models = trainer.load_models(model, mesh)
+    models = trainer.load_models(model, mesh=mesh)
 
     def expected(config, rules, itemsize):
         shapes = jax.tree.leaves(jax.eval_shape(lambda: trainer.qwen3.init_params(config, jax.random.key(0))))
@@ -207,3 +207,187 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
     toy = result["datasets"]["toy"]
     assert np.array(toy["correct_pn"]).shape == (8, 2)
     assert toy["metrics"]["pass@1"] == pytest.approx(np.mean(toy["correct_pn"]))
+
+
+# ------------------------------------------------------------------ failures and recovery
+
+from trb_jax import checkpointing, errors, locking  # noqa: E402
+
+
+class _ModelsLoaded(Exception):
+    pass
+
+
+def _no_models(monkeypatch):
+    """Makes loading the weights fail loudly: a check that must come first is tested."""
+    def load(*args, **kwargs):
+        raise _ModelsLoaded
+    monkeypatch.setattr(trainer, "load_models", load)
+
+
+def test_second_trainer_on_a_locked_workdir_refuses(world, tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n')
+    with locking.WorkdirLock(str(tmp_path)):
+        with pytest.raises(errors.WorkdirError, match=rf"^{tmp_path} is in use by another "
+                                                      rf"trainer: pid {os.getpid()} on host "):
+            trainer.train(_config(world, "vanilla"), str(tmp_path))
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 0}\n'  # untouched
+
+
+def test_missing_student_dir_is_named(world, tmp_path):
+    cfg = _config(world, "vanilla")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                             student=str(tmp_path / "nope")))
+    with pytest.raises(errors.CheckpointError, match=rf"^model.student: checkpoint directory "
+                                                     rf"{tmp_path}/nope does not exist$"):
+        trainer.train(cfg, str(tmp_path / "w"))
+
+
+def test_nan_weights_are_refused_at_load(world, tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    from trb_jax.models import checkpoint, qwen3
+
+    params = qwen3.init_params(smoke.SMOKE_STUDENT, jax.random.key(0))
+    params["final_norm_d"] = params["final_norm_d"].at[0].set(jnp.nan)
+    checkpoint.save_pretrained(qwen3.Qwen3CausalLM(params=params, config=smoke.SMOKE_STUDENT),
+                               tmp_path / "s")
+    model = C.ModelConfig(student=str(tmp_path / "s"), teacher=f"{world}/teacher",
+                          student_tokenizer=f"{world}/student")
+    with pytest.raises(errors.NonFiniteError, match=rf"^model.student: the checkpoint "
+                                                    rf"{tmp_path}/s has NaN/inf weights in 1 "
+                                                    r"tensor\(s\), first \['final_norm_d'\]$"):
+        trainer.load_models(model)
+
+
+def _with_data(cfg, path, **data):
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=str(path), **data))
+
+
+def test_bad_record_stops_the_run_before_models_load(world, tmp_path, monkeypatch):
+    _no_models(monkeypatch)
+    rows = open(f"{world}/train.jsonl").read().splitlines()
+    rows[5] = json.dumps({**json.loads(rows[5]), "answer": None})
+    (tmp_path / "d.jsonl").write_text("\n".join(rows) + "\n")
+    with pytest.raises(errors.DataError, match=rf"^{tmp_path}/d.jsonl:6 \(record 5\): field "
+                                               r"'answer' is null"):
+        trainer.train(_with_data(_config(world, "vanilla"), tmp_path / "d.jsonl"),
+                      str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()  # nothing written: the run never started
+
+
+def test_overlong_prompt_dropped_and_reported_before_models_load(world, tmp_path, monkeypatch,
+                                                                 capfd):
+    _no_models(monkeypatch)
+    rows = open(f"{world}/train.jsonl").read().splitlines()
+    rows[3] = json.dumps({**json.loads(rows[3]), "problem": "1 + " * 40 + "1"})
+    (tmp_path / "d.jsonl").write_text("\n".join(rows) + "\n")
+    cfg = _with_data(_config(world, "vanilla"), tmp_path / "d.jsonl")
+    with pytest.raises(_ModelsLoaded):  # the data passed: the run would go on without record 3
+        trainer.train(cfg, str(tmp_path / "w"))
+    where = f"{tmp_path}/d.jsonl:4 (record 3)"
+    assert (f"data: dropped 1 of {len(rows)} prompts longer than 64 tokens "
+            f"(data.overlong='drop'), first {where}") in capfd.readouterr().err
+    report = json.load(open(tmp_path / "w" / "data_report.json"))
+    assert report["dropped"] == [where] and report["records"] == len(rows)
+    with pytest.raises(errors.DataError, match=r"^1 prompt\(s\) longer than "
+                                               r"rollout.prompt_length=64: .*d.jsonl:4"):
+        trainer.train(_with_data(cfg, tmp_path / "d.jsonl", overlong="error"),
+                      str(tmp_path / "w2"))
+
+
+def test_rows_must_split_over_the_data_parallel_devices():
+    trainer.check_rows_divide(8, {"data": 4, "fsdp": 1, "tensor": 1}, "rows")
+    trainer.check_rows_divide(3, {"data": 1, "fsdp": 1, "tensor": 4}, "rows")
+    with pytest.raises(errors.ConfigError, match=r"^rollout.prompts_per_step x rollout."
+                                                 r"samples_per_prompt: 3 rows per update do not "
+                                                 r"split over the 4 data-parallel devices "
+                                                 r"\(mesh dataxfsdp\)"):
+        trainer.check_rows_divide(3, {"data": 2, "fsdp": 2, "tensor": 1},
+                                  "rollout.prompts_per_step x rollout.samples_per_prompt")
+
+
+def test_nonfinite_rollout_logprobs_are_caught_on_the_host():
+    mask = np.array([[True, True, False]])
+    ok = {"response_mask_bt": mask, "student_logprob_bt": np.array([[-1.0, -np.inf, np.nan]]),
+          "behavior_logprob_bt": np.array([[-1.0, -2.0, np.nan]])}
+    assert trainer.check_rollout_finite(ok) is None  # -inf is legitimate, masked NaN ignored
+    for bad in (np.nan, np.inf):
+        ro = dict(ok, student_logprob_bt=np.array([[bad, -1.0, 0.0]]))
+        assert trainer.check_rollout_finite(ro) == (
+            "the student log-probs of 1 of 2 sampled tokens are NaN/+inf (first in row 0): the "
+            "models' logits are not finite")
+
+
+def test_diverged_run_stops_naming_the_update(world, tmp_path):
+    """peak_lr = 1e30: update 0 blows the weights up; update 1 is the first non-finite one."""
+    cd_cfg = _config(world, "vanilla", checkpoint_every=1)
+    cfg = dataclasses.replace(cd_cfg, optim=dataclasses.replace(cd_cfg.optim, peak_lr=1e30))
+    # (the rollout's log-probs or the gradient go non-finite first, depending on the platform)
+    with pytest.raises(errors.NonFiniteError, match=r"^update 1: (rollout: .* NaN/\+inf|loss "
+                                                    r"\S+, grad_norm (nan|inf)) .*nothing of this "
+                                                    r"update was logged or checkpointed \(newest "
+                                                    r"checkpoint: 1\)"):
+        trainer.train(cfg, str(tmp_path))
+    assert [r["step"] for r in read_jsonl(str(tmp_path / "metrics.jsonl"))] == [0]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
+
+
+def _poison_update(monkeypatch, k_bad):
+    """NaN teacher scores in the batch of update k_bad: a non-finite loss and gradient."""
+    original, calls = trainer.make_batch, []
+
+    def poisoned(prompts, ro, plan):
+        batch = original(prompts, ro, plan)
+        calls.append(None)
+        if len(calls) - 1 == k_bad:
+            batch = batch.replace(topk_teacher_logprob_btk=batch.topk_teacher_logprob_btk * np.nan)
+        return batch
+
+    monkeypatch.setattr(trainer, "make_batch", poisoned)
+
+
+def test_nonfinite_loss_raises_or_skips(world, tmp_path, monkeypatch):
+    _poison_update(monkeypatch, 1)
+    with pytest.raises(errors.NonFiniteError, match=r"^update 1: loss nan, grad_norm nan "
+                                                    r"\(prompts from .*train.jsonl:\d+ "
+                                                    r"\(record \d+\).*\); the run diverged"):
+        trainer.train(_config(world, "trb"), str(tmp_path / "raise"))
+    assert [r["step"] for r in read_jsonl(str(tmp_path / "raise" / "metrics.jsonl"))] == [0]
+
+    _poison_update(monkeypatch, 1)
+    cfg = _config(world, "trb", on_nonfinite="skip")
+    records = trainer.train(cfg, str(tmp_path / "skip"))
+    assert [r["skipped_updates"] for r in records] == [0, 1, 1]
+    assert records[1]["loss"] is None and records[2]["loss"] is not None
+    # the skipped update left the step counter alone: update 2 runs at update 1's learning rate
+    assert records[2]["learning_rate"] == records[1]["learning_rate"] != records[0]["learning_rate"]
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint(world, tmp_path, capfd):
+    cfg = _config(world, "vanilla", checkpoint_every=1)
+    trainer.train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_steps=2)),
+                  str(tmp_path))
+    import shutil
+    shutil.rmtree(tmp_path / "checkpoints" / "2" / "extra")  # a torn copy of the latest
+    capfd.readouterr()
+    records = trainer.train(cfg, str(tmp_path))  # 3 updates: resumes at 1, redoes 1 and 2
+    err = capfd.readouterr().err
+    assert "resume: skipped checkpoint 2 (" in err
+    assert f"moved to {tmp_path}/checkpoints_damaged/2" in err
+    assert "resume: resuming from checkpoint 1" in err
+    assert [r["step"] for r in records] == [1, 2]
+    assert [r["step"] for r in read_jsonl(str(tmp_path / "metrics.jsonl"))] == [0, 1, 2]
+    assert os.path.isdir(tmp_path / "checkpoints_damaged" / "2" / "state")
+    manager = checkpointing.make_manager(tmp_path / "checkpoints")
+    assert checkpointing.all_steps(manager)[-1] == 3
+    manager.close()
+    # evaluate names a damaged or missing checkpoint in one line too
+    with pytest.raises(errors.CheckpointError, match=rf"^no checkpoint 7 in {tmp_path}/checkpoints "
+                                                     r"\(have \[1, 2, 3\]\)$"):
+        trainer.evaluate_run(cfg, str(tmp_path), step=7)
+    shutil.rmtree(tmp_path / "checkpoints" / "3" / "extra")
+    with pytest.raises(errors.CheckpointError, match=rf"^{tmp_path}/checkpoints/3 cannot be "
+                                                     r"restored: \w+"):
+        trainer.evaluate_run(cfg, str(tmp_path), step=3)

@@ -28,6 +28,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from trb_jax.train_step import TrainState
@@ -178,6 +180,65 @@ def restore(
     rng = jax.random.wrap_key_data(out["rng"], impl=meta["rng_impl"])
     state = TrainState(params=out["params"], opt_state=out["opt_state"], step=out["step"], rng=rng)
     return state, dict(restored["extra"] or {})
+
+
+@jax.jit
+def _leaves_finite(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+
+
+def nonfinite_paths(tree: Any) -> list[str]:
+    """Key paths of the floating-point leaves of `tree` holding a NaN or an infinity (a check to
+    run once after loading, not per step: one jitted reduction on the leaves' devices, compiled
+    once per tree structure)."""
+    leaves = [(path, x) for path, x in jax.tree_util.tree_leaves_with_path(tree)
+              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)]
+    if not leaves:
+        return []
+    ok = np.asarray(jax.device_get(_leaves_finite([x for _, x in leaves])))
+    return [jax.tree_util.keystr(path) for (path, _), good in zip(leaves, ok) if not good]
+
+
+def reason(e: BaseException) -> str:
+    """One line: the exception's type and its message, cut to 300 characters."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return f"{type(e).__name__}: {text[:300]}"
+
+
+def restore_newest_good(
+    manager: ocp.CheckpointManager,
+    abstract_state: TrainState,
+    validate: Callable[[TrainState, dict[str, Any]], None] | None = None,
+) -> tuple[int | None, TrainState | None, dict[str, Any] | None, list[tuple[int, str]]]:
+    """The newest checkpoint that restores (and passes `validate`, which raises to reject one).
+
+    Returns (step, state, extra, skipped): skipped lists (step, one-line reason) for every newer
+    checkpoint that failed; step is None when none restores (or there is none).
+    """
+    skipped: list[tuple[int, str]] = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            state, extra = restore(manager, step, abstract_state)
+            if validate is not None:
+                validate(state, extra)
+        except Exception as e:  # noqa: BLE001  (a damaged checkpoint fails in many ways)
+            skipped.append((step, reason(e)))
+            continue
+        return step, state, extra, skipped
+    return None, None, None, skipped
+
+
+def set_aside(directory: str | os.PathLike, step: int, into: str | os.PathLike) -> str:
+    """Moves checkpoint `step` out of the manager's `directory` into `into`/STEP (nothing is
+    deleted; a newer run would otherwise write over it); returns the new path."""
+    os.makedirs(into, exist_ok=True)
+    target = os.path.join(into, str(step))
+    n = 1
+    while os.path.exists(target):
+        target = os.path.join(into, f"{step}.{n}")
+        n += 1
+    os.replace(os.path.join(os.fspath(directory), str(step)), target)
+    return target
 
 
 def restore_or_init(

@@ -10,11 +10,13 @@ trainer and evaluator read. Paths may contain "{workdir}", replaced by the run's
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import ml_collections
 
 from trb_jax import data as data_lib
+from trb_jax.errors import ConfigError
 from trb_jax.methods import MethodConfig
 from trb_jax.models import attention as attention_lib
 from trb_jax.train_step import OptimConfig
@@ -33,10 +35,6 @@ __all__ = [
     "load_config_file",
     "repo_config_path",
 ]
-
-
-class ConfigError(ValueError):
-    """A bad configuration; the message is one line and names the field."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +106,9 @@ class TrainLoopConfig:
     written). chunk_size: loss positions per logits chunk. grader_*: math-verify pool.
     microbatch_rows: rows per train-step micro-batch (0 = all rows at once); gradients of the
     micro-batches are summed in float32 into one update. Must divide the rows per step.
+    on_nonfinite: a NaN/inf loss or gradient norm "raise"s (default: the run stops naming the
+    update, before it is logged or checkpointed) or "skip"s the update (state unchanged,
+    counted in the `skipped_updates` metric).
     """
 
     num_steps: int = 100
@@ -121,6 +122,7 @@ class TrainLoopConfig:
     grader_workers: int = 2
     grader_timeout_s: float = 5.0
     progress_bar: bool = True
+    on_nonfinite: str = "raise"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +224,9 @@ def _convert(cls, cd: ml_collections.ConfigDict, prefix: str, **fixed) -> Any:
     for key in cd.keys():
         if key not in fixed:
             kwargs[key] = _plain(cd[key])
+            # NaN or inf is never a setting (eps0=inf became a NaN eps after the warmup)
+            if isinstance(kwargs[key], float) and not math.isfinite(kwargs[key]):
+                raise ConfigError(f"{prefix}{key}: must be a finite number, got {kwargs[key]}")
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -302,6 +307,8 @@ def to_run_config(cd: ml_collections.ConfigDict, *, workdir: str | None = None) 
     data = _convert(data_lib.DataConfig, cd.data, "data.")
     data = dataclasses.replace(data, source=_sub(data.source, workdir))
     _check(bool(data.source), "data.source: a prompt file or hub dataset id is required")
+    _check(data.overlong in data_lib.OVERLONG,
+           f"data.overlong: must be one of {data_lib.OVERLONG}, got {data.overlong!r}")
 
     rollout = _convert(RolloutConfig, cd.rollout, "rollout.")
     for f in ("prompts_per_step", "samples_per_prompt", "max_new_tokens", "top_k"):
@@ -332,6 +339,8 @@ def to_run_config(cd: ml_collections.ConfigDict, *, workdir: str | None = None) 
            "step (rollout.prompts_per_step x rollout.samples_per_prompt)")
     for f in ("checkpoint_every", "eval_every", "seed"):
         _check(getattr(train, f) >= 0, f"train.{f}: must be >= 0, got {getattr(train, f)}")
+    _check(train.on_nonfinite in ("raise", "skip"),
+           f"train.on_nonfinite: must be 'raise' or 'skip', got {train.on_nonfinite!r}")
     _check(train.grader_timeout_s > 0,
            f"train.grader_timeout_s: must be > 0, got {train.grader_timeout_s}")
 

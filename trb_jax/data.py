@@ -11,6 +11,11 @@ chat model and gets its chat template (`teacher_prompt`). Each is tokenized by i
 order is a permutation per epoch fixed by (shuffle_seed, epoch); its position is the small state
 (epoch, offset), saved with the checkpoint so a resumed run sees exactly the batches it would
 have seen. See docs/data.md.
+
+`make_stream` reads, checks and tokenizes every record before it returns (so a bad record stops
+the run before any model is loaded, never mid-run), and applies `DataConfig.overlong` to the
+prompts longer than the rollout's prompt width. Errors are `DataError`s naming the file, the
+line (JSONL) or record, and the field.
 """
 
 from __future__ import annotations
@@ -22,13 +27,18 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from trb_jax.errors import DataError
 from trb_jax.rollout import PROMPT_BUCKETS, Prompts, pad_prompts
 
 __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
     "STUDENT_TEMPLATE",
+    "OVERLONG",
     "DataConfig",
     "Example",
+    "Encoded",
+    "load_records",
+    "encode_dataset",
     "StreamState",
     "PromptStream",
     "load_problems",
@@ -49,6 +59,9 @@ STUDENT_TEMPLATE = "{system_prompt}\n\n{problem}\n\n"
 
 _LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
+# What to do with a prompt longer than the rollout's prompt width (see DataConfig.overlong).
+OVERLONG = ("drop", "truncate", "error")
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -66,6 +79,10 @@ class DataConfig:
     system_prompt: put in front of the student prompt and as the teacher's system message
       ("" = none).
     shuffle_seed: with the epoch, fixes the order of the stream (>= 0).
+    overlong: a record whose student or teacher prompt is longer than the rollout's prompt
+      width: "drop" it (default: the problem stays intact and matches its answer; counted and
+      reported), "truncate" it to its last tokens (keeps the question's end and the generation
+      prompt, loses the system prompt and the problem's beginning), or "error" before training.
     """
 
     source: str
@@ -76,8 +93,11 @@ class DataConfig:
     max_examples: int | None = None
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     shuffle_seed: int = 0
+    overlong: str = "drop"
 
     def __post_init__(self):
+        if self.overlong not in OVERLONG:
+            raise ValueError(f"overlong must be one of {OVERLONG}, got {self.overlong!r}")
         if self.max_examples is not None and self.max_examples < 1:
             raise ValueError(f"max_examples must be >= 1 or None, got {self.max_examples}")
         if self.shuffle_seed < 0:
@@ -113,26 +133,45 @@ def _get(record: Any, path: str) -> Any:
     return value
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+def _decode_error(path: str, raw: bytes, e: UnicodeDecodeError, line_no: int) -> DataError:
+    return DataError(f"{path}:{line_no}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at "
+                     f"column {e.start + 1}); save the file as UTF-8")
+
+
+def _read_jsonl(path: str) -> tuple[list[dict], list[str]]:
+    """(records, where): where[i] is "path:LINE (record i)"."""
+    rows, where = [], []
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _decode_error(path, raw, e, line_no) from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
+                raise DataError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got "
-                                 f"{type(row).__name__}")
+                raise DataError(f"{path}:{line_no}: expected a JSON object, got "
+                                f"{type(row).__name__}")
+            where.append(f"{path}:{line_no} (record {len(rows)})")
             rows.append(row)
-    return rows
+    return rows, where
 
 
-def _read_json(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+def _read_json(path: str) -> tuple[list[dict], list[str]]:
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = raw.rfind(b"\n", 0, e.start) + 1
+        line = raw[line_start:raw.find(b"\n", e.start) % (len(raw) + 1)]
+        e2 = UnicodeDecodeError(e.encoding, line, e.start - line_start, e.end - line_start,
+                                e.reason)
+        raise _decode_error(path, line, e2, raw.count(b"\n", 0, e.start) + 1) from None
     try:
         data = json.loads(text) if text.strip() else []
     except json.JSONDecodeError:
@@ -141,8 +180,8 @@ def _read_json(path: str) -> list[dict]:
         keys = list(data)  # column-oriented {"problem": [...], "answer": [...]}
         data = [dict(zip(keys, values)) for values in zip(*data.values())]
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise ValueError(f"{path}: expected a list of JSON objects (or JSON lines)")
-    return data
+        raise DataError(f"{path}: expected a list of JSON objects (or JSON lines)")
+    return data, [f"{path} record {i}" for i in range(len(data))]
 
 
 def _read_parquet(path: str, fields: Sequence[str]) -> list[dict]:
@@ -154,8 +193,8 @@ def _read_parquet(path: str, fields: Sequence[str]) -> list[dict]:
     top = [f.split(".")[0] for f in fields]
     for field, name in zip(fields, top):
         if name not in available:
-            raise ValueError(f"field {field!r} not found in {path}; available fields: "
-                             f"{sorted(available)}")
+            raise DataError(f"{path}: field {field!r} not found; available fields: "
+                            f"{sorted(available)}")
     return pq.read_table(path, columns=sorted(set(top))).to_pylist()
 
 
@@ -166,20 +205,22 @@ def _read_hub(source: str, split: str, max_examples: int | None, subset: str = "
         ds = datasets.load_dataset(source, subset or None, split=split)
     except Exception as e:  # noqa: BLE001  (offline, unknown id, missing split, ...: one message)
         detail = (str(e).strip().splitlines() or [""])[0]
-        raise ValueError(f"could not load dataset {source!r} (split {split!r}) from the Hugging "
-                         f"Face hub: {type(e).__name__}: {detail}") from e
+        raise DataError(f"could not load dataset {source!r} (split {split!r}) from the Hugging "
+                        f"Face hub: {type(e).__name__}: {detail}") from e
     if max_examples is not None:
         ds = ds.select(range(min(max_examples, len(ds))))
     return ds.to_list()
 
 
-def load_problems(config: DataConfig) -> tuple[list[str], list[str | None]]:
-    """(problems, answers), in source order, the first `max_examples` records.
+def load_records(config: DataConfig) -> tuple[list[str], list[str | None], list[str]]:
+    """(problems, answers, where), in source order, the first `max_examples` records.
 
-    Errors (one line each): FileNotFoundError for a missing local file; ValueError for an
-    unsupported suffix, a hub load failure (naming the source), an empty dataset, a record
-    without `prompt_field` / `answer_field` (naming the field and the available ones), or a
-    problem that is not a non-empty string. Answers are returned as strings (numbers converted).
+    where[i] names record i for messages: "FILE:LINE (record i)" for JSONL, "FILE record i"
+    otherwise. Errors (one line each): FileNotFoundError for a missing local file; DataError (a
+    ValueError) for an unsupported suffix, text that is not UTF-8 or not JSON (naming the line),
+    a hub load failure (naming the source), an empty dataset, a record without `prompt_field` /
+    `answer_field` (naming the field and the available ones), a problem that is not a non-empty
+    string, or an answer that is null or not a string/number. Answers are returned as strings.
     """
     source = config.source
     fields = [config.prompt_field] + ([config.answer_field] if config.answer_field else [])
@@ -189,37 +230,54 @@ def load_problems(config: DataConfig) -> tuple[list[str], list[str | None]]:
             raise FileNotFoundError(f"data file not found: {source}")
         suffix = os.path.splitext(source)[1].lower()
         if suffix == ".jsonl":
-            rows = _read_jsonl(source)
+            rows, where = _read_jsonl(source)
         elif suffix == ".json":
-            rows = _read_json(source)
+            rows, where = _read_json(source)
         elif suffix == ".parquet":
             rows = _read_parquet(source, fields)
+            where = [f"{source} record {i}" for i in range(len(rows))]
         else:
-            raise ValueError(f"unsupported data file {source!r}: expected one of "
-                             f"{', '.join(_LOCAL_SUFFIXES)}")
+            raise DataError(f"unsupported data file {source!r}: expected one of "
+                            f"{', '.join(_LOCAL_SUFFIXES)}")
     else:
         rows = _read_hub(source, config.split, config.max_examples, config.subset)
+        where = [f"{source} ({config.split}) record {i}" for i in range(len(rows))]
     if config.max_examples is not None:
-        rows = rows[:config.max_examples]
+        rows, where = rows[:config.max_examples], where[:config.max_examples]
     if not rows:
-        raise ValueError(f"dataset {source!r} is empty")
+        raise DataError(f"dataset {source!r} is empty")
 
     problems, answers = [], []
-    for i, row in enumerate(rows):
+    for row, at in zip(rows, where):
         values = []
         for field in fields:
             try:
                 values.append(_get(row, field))
             except (KeyError, IndexError, TypeError, ValueError):
-                raise ValueError(f"field {field!r} not found in record {i} of {source!r}; "
-                                 f"available fields: {sorted(row)}") from None
+                raise DataError(f"{at}: field {field!r} not found; available fields: "
+                                f"{sorted(row)}") from None
         problem = values[0]
         if not isinstance(problem, str) or not problem:
-            raise ValueError(f"record {i} of {source!r}: {config.prompt_field!r} must be a "
-                             f"non-empty string, got {problem!r:.60}")
+            raise DataError(f"{at}: field {config.prompt_field!r} must be a non-empty string, "
+                            f"got {problem!r:.60}")
         problems.append(problem)
-        answer = values[1] if config.answer_field else None
-        answers.append(None if answer is None else str(answer))
+        if not config.answer_field:
+            answers.append(None)
+            continue
+        answer = values[1]
+        if answer is None:
+            raise DataError(f"{at}: field {config.answer_field!r} is null (every prompt needs "
+                            "a reference answer for its reward; data.answer_field=None if none)")
+        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+            raise DataError(f"{at}: field {config.answer_field!r} must be a string or a number, "
+                            f"got {type(answer).__name__}")
+        answers.append(str(answer))
+    return problems, answers, where
+
+
+def load_problems(config: DataConfig) -> tuple[list[str], list[str | None]]:
+    """(problems, answers) of `load_records` (same checks and errors)."""
+    problems, answers, _ = load_records(config)
     return problems, answers
 
 
@@ -260,6 +318,64 @@ def encode_student(problem: str, tokenizer, system_prompt: str = DEFAULT_SYSTEM_
 def encode_teacher(problem: str, tokenizer, system_prompt: str = DEFAULT_SYSTEM_PROMPT
                    ) -> list[int]:
     return _encode(tokenizer, teacher_prompt(problem, tokenizer, system_prompt))
+
+
+@dataclasses.dataclass
+class Encoded:
+    """Every kept record tokenized up front (int32 arrays; teacher_ids None: no teacher).
+
+    kept: indices into the loaded records; report: {"records", "max_length", "overlong",
+    "dropped", "truncated"} (the last two: the `where` of each affected record).
+    """
+
+    kept: list[int]
+    student_ids: list[np.ndarray]
+    teacher_ids: list[np.ndarray] | None
+    report: dict[str, Any]
+
+
+def encode_dataset(problems: Sequence[str], where: Sequence[str], student_tokenizer,
+                   teacher_tokenizer=None, *, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+                   max_length: int | None = None, overlong: str = "drop",
+                   length_field: str = "rollout.prompt_length") -> Encoded:
+    """Tokenizes every record's student (and teacher) prompt and applies the overlong policy.
+
+    A record is over-long when either prompt has more than `max_length` tokens (None: no
+    limit). "drop" removes it, "truncate" keeps its last max_length tokens, "error" raises a
+    DataError naming the first such records. Dropping every record is a DataError.
+    """
+    if overlong not in OVERLONG:
+        raise ValueError(f"overlong must be one of {OVERLONG}, got {overlong!r}")
+    texts_s = [student_prompt(p, system_prompt) for p in problems]
+    ids_s = student_tokenizer(texts_s, add_special_tokens=False)["input_ids"]
+    ids_t = None
+    if teacher_tokenizer is not None:
+        texts_t = [teacher_prompt(p, teacher_tokenizer, system_prompt) for p in problems]
+        ids_t = teacher_tokenizer(texts_t, add_special_tokens=False)["input_ids"]
+    lengths = [max(len(ids_s[i]), len(ids_t[i]) if ids_t is not None else 0)
+               for i in range(len(problems))]
+    long = [i for i, n in enumerate(lengths) if max_length is not None and n > max_length]
+    if long and overlong == "error":
+        shown = "; ".join(f"{where[i]}: {lengths[i]} tokens" for i in long[:3])
+        more = f" and {len(long) - 3} more" if len(long) > 3 else ""
+        raise DataError(f"{len(long)} prompt(s) longer than {length_field}={max_length}: "
+                        f"{shown}{more} (data.overlong='error'; 'drop' skips them, 'truncate' "
+                        "keeps their last tokens)")
+    drop = set(long) if overlong == "drop" else set()
+    kept = [i for i in range(len(problems)) if i not in drop]
+    if not kept:
+        raise DataError(f"every one of the {len(problems)} prompts is longer than "
+                        f"{length_field}={max_length} (first: {where[0]}, {lengths[0]} tokens)")
+    cut = (lambda ids: ids[-max_length:]) if overlong == "truncate" and long else (lambda ids: ids)
+    report = {"records": len(problems), "max_length": max_length, "overlong": overlong,
+              "dropped": [where[i] for i in long] if overlong == "drop" else [],
+              "truncated": [where[i] for i in long] if overlong == "truncate" else []}
+    return Encoded(
+        kept=kept,
+        student_ids=[np.asarray(cut(ids_s[i]), np.int32) for i in kept],
+        teacher_ids=None if ids_t is None else [np.asarray(cut(ids_t[i]), np.int32)
+                                                for i in kept],
+        report=report)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,15 +423,17 @@ def take_indices(state: StreamState, batch_size: int, num_examples: int, seed: i
 class PromptStream:
     """Endless iterator of batches (list[Example]) in the (seed, epoch) order.
 
-    Tokenization happens per batch. `state_dict()` is a small dict of ints to save with the
-    checkpoint; `load_state_dict` / `from_state_dict` restore it, checking that the seed and the
-    dataset size match.
+    Tokenization happens per batch, unless `encoded` = (student_ids, teacher_ids or None), one
+    int32 array per problem, was computed up front (`encode_dataset`). `state_dict()` is a small
+    dict of ints to save with the checkpoint; `load_state_dict` / `from_state_dict` restore it,
+    checking that the seed and the dataset size match.
     """
 
     def __init__(self, problems: Sequence[str], answers: Sequence[str | None] | None, *,
                  batch_size: int, student_tokenizer, teacher_tokenizer=None,
                  system_prompt: str = DEFAULT_SYSTEM_PROMPT, seed: int = 0,
-                 state: StreamState = StreamState()):
+                 state: StreamState = StreamState(),
+                 encoded: tuple[list[np.ndarray], list[np.ndarray] | None] | None = None):
         if not problems:
             raise ValueError("PromptStream needs at least one problem")
         if answers is not None and len(answers) != len(problems):
@@ -333,6 +451,9 @@ class PromptStream:
         self.seed = seed
         self.state = state
         self._perm_cache: dict = {}
+        self.encoded = encoded
+        self.report: dict[str, Any] | None = None  # set by make_stream
+        self.where: list[str] | None = None  # where[i]: file:line of problem i, for messages
 
     def __len__(self) -> int:
         return len(self.problems)
@@ -347,6 +468,12 @@ class PromptStream:
 
     def example(self, index: int) -> Example:
         problem = self.problems[index]
+        if self.encoded is not None:
+            student_ids, teacher_ids = self.encoded
+            return Example(index=index, problem=problem, answer=self.answers[index],
+                           student_ids=student_ids[index].tolist(),
+                           teacher_ids=None if teacher_ids is None
+                           else teacher_ids[index].tolist())
         teacher_ids = None
         if self.teacher_tokenizer is not None:
             teacher_ids = encode_teacher(problem, self.teacher_tokenizer, self.system_prompt)
@@ -380,13 +507,23 @@ class PromptStream:
 
 
 def make_stream(config: DataConfig, student_tokenizer, teacher_tokenizer=None, *,
-                batch_size: int, state: dict[str, Any] | None = None) -> PromptStream:
-    """load_problems(config) -> PromptStream (optionally resumed from a saved state_dict)."""
-    problems, answers = load_problems(config)
-    stream = PromptStream(problems, answers, batch_size=batch_size,
-                          student_tokenizer=student_tokenizer,
+                batch_size: int, state: dict[str, Any] | None = None,
+                max_length: int | None = None,
+                length_field: str = "rollout.prompt_length") -> PromptStream:
+    """Every record loaded, checked and tokenized now -> PromptStream (optionally resumed from a
+    saved state_dict). Prompts longer than `max_length` are handled per `config.overlong`; the
+    stream's `report` says which (see `encode_dataset`)."""
+    problems, answers, where = load_records(config)
+    enc = encode_dataset(problems, where, student_tokenizer, teacher_tokenizer,
+                         system_prompt=config.system_prompt, max_length=max_length,
+                         overlong=config.overlong, length_field=length_field)
+    stream = PromptStream([problems[i] for i in enc.kept], [answers[i] for i in enc.kept],
+                          batch_size=batch_size, student_tokenizer=student_tokenizer,
                           teacher_tokenizer=teacher_tokenizer,
-                          system_prompt=config.system_prompt, seed=config.shuffle_seed)
+                          system_prompt=config.system_prompt, seed=config.shuffle_seed,
+                          encoded=(enc.student_ids, enc.teacher_ids))
+    stream.report = enc.report
+    stream.where = [where[i] for i in enc.kept]
     if state is not None:
         stream.load_state_dict(state)
     return stream

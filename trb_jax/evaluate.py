@@ -5,7 +5,9 @@ pass@1 over `eval.num_samples` samples per problem (and unbiased pass@k for `eva
 (DIR/checkpoints, the latest or --step) or, with --student=HF_DIR, for any student-format
 checkpoint (e.g. the untrained Base model). Prompts use the student's plain template. Writes
 DIR/eval_<tag>.json (tag: step_N or the checkpoint's name) with the metrics and the
-per-problem correctness matrix.
+per-problem correctness matrix. The workdir is checked for writing before anything is loaded,
+and the file is written all at once (no partial results); expected failures are one stderr line
+and exit status 1 (`trb_jax.errors.cli_main`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from trb_jax.errors import (CheckpointError, ConfigError, atomic_write, check_writable, cli_main,
+                            config_flags_parser)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/FILE.py[:ARGS]",
                                           lock_config=True)
@@ -33,22 +38,23 @@ def main(argv) -> None:
     import jax
 
     from trb_jax import distributed, evaluation, rewards, trainer
-    from trb_jax.config import ConfigError, to_run_config
+    from trb_jax.config import to_run_config
 
     distributed.initialize()
     workdir = os.path.abspath(_WORKDIR.value)
-    try:
-        cfg = to_run_config(_CONFIG.value, workdir=workdir)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
+    cfg = to_run_config(_CONFIG.value, workdir=workdir)
     if not cfg.eval.datasets:
-        sys.exit("config error: eval.datasets: nothing to evaluate")
+        raise ConfigError("eval.datasets: nothing to evaluate")
+    if _STUDENT.value is None and not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise CheckpointError(f"no checkpoints in {workdir}/checkpoints (pass --student=HF_DIR "
+                              "to evaluate a model checkpoint instead)")
+    if distributed.is_primary():
+        check_writable(workdir, "the evaluation results (eval_<tag>.json)")
     results, tag = trainer.evaluate_run(cfg, workdir, step=_STEP.value, student=_STUDENT.value,
                                         seed=_SEED.value)
     if distributed.is_primary():
         path = os.path.join(workdir, f"eval_{tag}.json")
-        with open(path, "w") as f:
-            json.dump(results, f, indent=1)
+        atomic_write(path, json.dumps(results, indent=1))
         for name, res in results["datasets"].items():
             print(name, json.dumps(res["metrics"]))
         print(f"wrote {path}")
@@ -57,4 +63,4 @@ def main(argv) -> None:
 if __name__ == "__main__":
     from trb_jax.config_files import resolve_argv  # configs/ of the checkout or the install
 
-    app.run(main, argv=resolve_argv(sys.argv))
+    app.run(cli_main(main), argv=resolve_argv(sys.argv), flags_parser=config_flags_parser)

@@ -45,7 +45,8 @@ def kl_from_log_probs(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
     p = jnp.exp(log_p)
     in_p = log_p > -jnp.inf  # support from log-probs: a probability that underflows still counts
     diff = jnp.where(in_p, log_p - jnp.where(in_p, log_q, 0.0), 0.0)
-    finite = jnp.sum(jnp.where(in_p, p * jnp.where(jnp.isfinite(diff), diff, 0.0), 0.0), axis=-1)
+    # +inf (q = 0 under p) is handled by `escapes`; a NaN input stays NaN (never a silent 0)
+    finite = jnp.sum(jnp.where(in_p, p * jnp.where(jnp.isinf(diff), 0.0, diff), 0.0), axis=-1)
     escapes = jnp.any(in_p & (log_q == -jnp.inf), axis=-1)
     return jnp.where(escapes, jnp.inf, finite)
 

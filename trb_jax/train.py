@@ -2,8 +2,9 @@
 
 Thin entry point: parses the ml_collections config (locked: an unknown override is an error),
 initialises jax.distributed when the environment asks for it (SLURM, TPU pod or explicit
-coordinator flags), converts the config (one-line ConfigError on bad values) and runs
-`trb_jax.trainer.train`. Running the same command again resumes from DIR/checkpoints.
+coordinator flags), converts the config and runs `trb_jax.trainer.train`. Running the same
+command again resumes from DIR/checkpoints. Expected failures (config, data, checkpoint, workdir,
+divergence) are one stderr line and exit status 1 (`trb_jax.errors.cli_main`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import sys
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from trb_jax.errors import cli_main, config_flags_parser
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/FILE.py[:ARGS]",
                                           lock_config=True)
@@ -31,23 +34,14 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every checkpoint file at INFO
     from trb_jax import distributed, trainer
-    from trb_jax.config import ConfigError, to_run_config
+    from trb_jax.config import to_run_config
 
     distributed.initialize(coordinator_address=_COORDINATOR.value,
                            num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
     workdir = os.path.abspath(_WORKDIR.value)
-    try:
-        cfg = to_run_config(_CONFIG.value, workdir=workdir)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
-    if distributed.is_primary():
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(_CONFIG.value.to_json_best_effort(indent=2) + "\n")
-    try:
-        records = trainer.train(cfg, workdir)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
+    cfg = to_run_config(_CONFIG.value, workdir=workdir)
+    records = trainer.train(cfg, workdir,
+                            config_json=_CONFIG.value.to_json_best_effort(indent=2) + "\n")
     if records and distributed.is_primary():
         last = records[-1]
         print(json.dumps({k: last[k] for k in ("step", "loss", "reward") if k in last}))
@@ -56,4 +50,4 @@ def main(argv) -> None:
 if __name__ == "__main__":
     from trb_jax.config_files import resolve_argv  # configs/ of the checkout or the install
 
-    app.run(main, argv=resolve_argv(sys.argv))
+    app.run(cli_main(main), argv=resolve_argv(sys.argv), flags_parser=config_flags_parser)

@@ -814,6 +814,8 @@ def train_step(
     Metrics: float32 scalars loss (before the update), grad_norm (before clipping),
     learning_rate (of this update), num_tokens (response tokens counted), student_topk_mass;
     float32 [B] student_logprob_b, teacher_logprob_b, teacher_entropy_b (see `loss_fn`).
+    A non-finite loss or grad_norm leaves params, opt_state and step as they were (the caller
+    sees it in the metrics and raises or counts a skipped update).
     """
     check_batch(batch, config, teacher_params)
     tx, schedule = make_optimizer(config.optim)
@@ -828,7 +830,13 @@ def train_step(
         "num_tokens": jnp.sum(batch.response_mask_bt.astype(jnp.float32)),
         **aux,
     }
-    new_state = TrainState(params=params, opt_state=opt_state, step=state.step + 1, rng=rng)
+    # The old state is donated, so the choice between it and the update is made here (a select
+    # XLA fuses into the update), not on the host after the buffers are gone.
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    params, opt_state, step = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                           (params, opt_state, state.step + 1),
+                                           (state.params, state.opt_state, state.step))
+    new_state = TrainState(params=params, opt_state=opt_state, step=step, rng=rng)
     return new_state, metrics
 
 

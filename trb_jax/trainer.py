@@ -15,14 +15,23 @@
 
 Everything random is a function of (seed, update index, row), and the data position is saved,
 so a resumed run repeats an uninterrupted one bitwise on CPU.
+
+Failures (docs/training.md, "Failures and recovery"): the workdir is locked for the run; the
+data is read, checked and tokenized before any model loads; weights are checked finite after
+loading; resume takes the newest checkpoint that restores (damaged newer ones are set aside);
+a non-finite rollout, loss or gradient stops the run before anything of that update is logged
+or checkpointed (or, with train.on_nonfinite = "skip", the update is skipped and counted).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
+import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -31,12 +40,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from trb_jax import checkpointing, distributed, evaluation, methods, rewards, sharding
+from trb_jax import checkpointing, distributed, evaluation, locking, methods, rewards, sharding
 from trb_jax import data as data_lib
 from trb_jax import train_step as ts
 from trb_jax.behaviors import BLEND_BEHAVIORS, make_knobs
 from trb_jax.blending import EosMap
-from trb_jax.config import ConfigError, RunConfig
+from trb_jax.config import RunConfig
+from trb_jax.errors import CheckpointError, ConfigError, DataError, NonFiniteError, atomic_write
 from trb_jax.metric_writer import MetricWriter
 from trb_jax.models import checkpoint as hf_checkpoint
 from trb_jax.models import qwen3
@@ -94,8 +104,53 @@ def _eos_ids(tokenizer, directory: str, field: str) -> list[int]:
     return ids
 
 
-def load_models(model_cfg, mesh: Mesh | None = None) -> Models:
-    """Loads both checkpoints and tokenizers; one-line ConfigErrors for a vocabulary mismatch.
+def _checkpoint_dir(path: str, field: str) -> str:
+    """A local-looking path must exist (else the hub lookup would hide the real problem)."""
+    expanded = os.path.expanduser(path)
+    if path.startswith(("/", ".", "~")) or os.path.exists(expanded):
+        if not os.path.isdir(expanded):
+            what = "is not a directory" if os.path.exists(expanded) else "does not exist"
+            raise CheckpointError(f"{field}: checkpoint directory {expanded} {what}")
+    return path
+
+
+def load_tokenizers(model_cfg) -> tuple[Any, Any]:
+    """(student, teacher) tokenizers; ConfigError if their vocabularies differ."""
+    from transformers import AutoTokenizer
+
+    out = []
+    for side in ("student", "teacher"):
+        field = f"model.{side}_tokenizer" if getattr(model_cfg, f"{side}_tokenizer") \
+            else f"model.{side}"
+        path = _checkpoint_dir(getattr(model_cfg, f"{side}_tokenizer")
+                               or getattr(model_cfg, side), field)
+        try:
+            out.append(AutoTokenizer.from_pretrained(path))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{field}: cannot load a tokenizer from {path}: "
+                                  f"{' '.join(str(e).split())[:300]}") from None
+    tok_s, tok_t = out
+    if tok_s.get_vocab() != tok_t.get_vocab():
+        raise ConfigError("model.teacher_tokenizer: vocabulary mismatch: the student and teacher "
+                          "tokenizers map tokens to different ids")
+    return tok_s, tok_t
+
+
+def _load_checkpoint(path: str, field: str, dtype: str, compute_dtype: str, mesh: Mesh | None,
+                     rules) -> qwen3.Qwen3CausalLM:
+    model = hf_checkpoint.from_pretrained(_checkpoint_dir(path, field), dtype=dtype,
+                                          compute_dtype=compute_dtype, mesh=mesh, rules=rules)
+    bad = checkpointing.nonfinite_paths(model.params)
+    if bad:
+        raise NonFiniteError(f"{field}: the checkpoint {path} has NaN/inf weights in "
+                             f"{len(bad)} tensor(s), first {bad[0]}")
+    return model
+
+
+def load_models(model_cfg, tokenizers: tuple[Any, Any] | None = None, *,
+                mesh: Mesh | None = None) -> Models:
+    """Loads both checkpoints (checked finite) and tokenizers (`load_tokenizers` unless given);
+    one-line errors for a missing directory or a vocabulary mismatch.
 
     The student in `param_dtype` (its trained master weights), the teacher in `teacher_dtype`,
     both computing in `compute_dtype`. With a mesh, each parameter is built shard by shard from
@@ -103,26 +158,18 @@ def load_models(model_cfg, mesh: Mesh | None = None) -> Models:
     laid out by the training rules (as its TrainState), the frozen teacher by
     INFERENCE_AXIS_RULES ("embed" replicated: decoding never all-gathers it).
     """
-    from transformers import AutoTokenizer
-
+    tok_s, tok_t = tokenizers or load_tokenizers(model_cfg)
     compute = model_cfg.student_compute_dtype
-    s = hf_checkpoint.from_pretrained(model_cfg.student, dtype=model_cfg.param_dtype,
-                                      compute_dtype=compute, mesh=mesh,
-                                      rules=sharding.LOGICAL_AXIS_RULES)
-    t = hf_checkpoint.from_pretrained(model_cfg.teacher, dtype=model_cfg.teacher_param_dtype,
-                                      compute_dtype=compute, mesh=mesh,
-                                      rules=sharding.INFERENCE_AXIS_RULES)
+    s = _load_checkpoint(model_cfg.student, "model.student", model_cfg.param_dtype, compute, mesh,
+                         sharding.LOGICAL_AXIS_RULES)
+    t = _load_checkpoint(model_cfg.teacher, "model.teacher", model_cfg.teacher_param_dtype,
+                         compute, mesh, sharding.INFERENCE_AXIS_RULES)
     s_config = dataclasses.replace(s.config, attention=model_cfg.attention)
     t_config = dataclasses.replace(t.config, attention=model_cfg.attention)
     if s.config.vocab_size != t.config.vocab_size:
         raise ConfigError(
             f"model.teacher: vocabulary mismatch: student vocab_size {s.config.vocab_size} vs "
             f"teacher vocab_size {t.config.vocab_size} (OPD needs a shared vocabulary)")
-    tok_s = AutoTokenizer.from_pretrained(model_cfg.student_tokenizer or model_cfg.student)
-    tok_t = AutoTokenizer.from_pretrained(model_cfg.teacher_tokenizer or model_cfg.teacher)
-    if tok_s.get_vocab() != tok_t.get_vocab():
-        raise ConfigError("model.teacher_tokenizer: vocabulary mismatch: the student and teacher "
-                          "tokenizers map tokens to different ids")
     student_eos = _eos_ids(tok_s, model_cfg.student, "model.student_tokenizer")
     teacher_eos = _eos_ids(tok_t, model_cfg.teacher, "model.teacher_tokenizer")
     eos = EosMap.from_ids(student_eos, teacher_eos)
@@ -161,6 +208,18 @@ def inference_student(params: Any, config: qwen3.Qwen3Config, mesh: Mesh):
         return params, config
     return (_compute_cast(config, mesh)(params),
             config.with_dtype(config.compute_dtype, config.compute_dtype))
+
+
+def check_rows_divide(rows: int, mesh_shape: dict[str, int], field: str) -> None:
+    """ConfigError unless `rows` split evenly over the mesh axes the batch is sharded on (the
+    sharding rules would otherwise replicate the batch on every device, silently)."""
+    rule = dict(sharding.LOGICAL_AXIS_RULES)["batch"]
+    axes = [a for a in ((rule,) if isinstance(rule, str) else rule) if a in mesh_shape]
+    ways = int(np.prod([mesh_shape[a] for a in axes])) if axes else 1
+    if rows % ways:
+        raise ConfigError(f"{field}: {rows} rows per update do not split over the {ways} "
+                          f"data-parallel devices (mesh {'x'.join(axes)}); use a multiple of "
+                          f"{ways} or a smaller mesh.data")
 
 
 def _rows_sharding(mesh: Mesh, rows: int) -> NamedSharding:
@@ -282,8 +341,14 @@ class _Run:
     rollout_key: jax.Array
     eval_key: jax.Array
     eval_sets: list
-    grader: rewards.Grader
+    grader: rewards.Grader | None  # started once setup has passed
     manager: Any
+    skipped: int = 0  # updates skipped for a non-finite loss or gradient (on_nonfinite="skip")
+
+
+def _last_checkpoint(run: _Run) -> str:
+    step = checkpointing.latest_step(run.manager)
+    return f" (newest checkpoint: {step})" if step is not None else " (no checkpoint yet)"
 
 
 def _train_config(cfg: RunConfig, models: Models, loss: str) -> ts.TrainConfig:
@@ -338,9 +403,6 @@ def _examples_to_prompts(run: _Run, examples) -> tuple[Prompts, list]:
     n = run.cfg.rollout.samples_per_prompt
     rows = [e for e in examples for _ in range(n)]
     width = run.cfg.rollout.prompt_length
-    longest = max(max(len(e.student_ids), len(e.teacher_ids or ())) for e in rows)
-    if width and longest > width:
-        raise ConfigError(f"rollout.prompt_length: a prompt has {longest} tokens > {width}")
     buckets = (width,) if width else PROMPT_BUCKETS
     local = rows[distributed.process_row_slice(len(rows))]
     prompts = data_lib.to_prompts(local, run.models.pad_id_s, run.models.pad_id_t, buckets)
@@ -360,6 +422,30 @@ def _fetch_tree(tree):
     return jax.tree.map(distributed.fetch, tree)
 
 
+def _records(run: _Run, rows) -> str:
+    where = sorted({run.stream.where[e.index] for e in rows}) if run.stream.where else []
+    more = f" and {len(where) - 3} more" if len(where) > 3 else ""
+    return "; ".join(where[:3]) + more
+
+
+def check_rollout_finite(ro_host: dict[str, np.ndarray]) -> str | None:
+    """None, or what is wrong: NaN or +inf log-probs of sampled tokens (a -inf is legitimate:
+    a token the student's top-p excluded). NaN/+inf logits make every log-softmax NaN.
+
+    Checked on the host, on arrays the trainer fetches anyway: no host callback or checkify
+    branch in the jitted decode loop, no extra device work or transfer.
+    """
+    mask = ro_host["response_mask_bt"].astype(bool)
+    for name, whose in (("student_logprob_bt", "student"), ("behavior_logprob_bt", "behavior")):
+        x = ro_host[name]
+        bad = mask & (np.isnan(x) | (x == np.inf))
+        if bad.any():
+            return (f"the {whose} log-probs of {int(bad.sum())} of {int(mask.sum())} sampled "
+                    f"tokens are NaN/+inf (first in row {int(np.argwhere(bad)[0][0])}): the "
+                    "models' logits are not finite")
+    return None
+
+
 def _one_update(run: _Run, k: int, pool: concurrent.futures.ThreadPoolExecutor) -> dict:
     cfg, models = run.cfg, run.models
     plan = methods.plan_step(k, cfg.method)
@@ -376,6 +462,11 @@ def _one_update(run: _Run, k: int, pool: concurrent.futures.ThreadPoolExecutor) 
     del params_s
     ro_host = _fetch_tree({f.name: getattr(ro, f.name) for f in dataclasses.fields(ro)})
     t1 = time.perf_counter()
+    problem = check_rollout_finite(ro_host)
+    if problem is not None:
+        raise NonFiniteError(f"update {k}: rollout: {problem} (diverged weights or a NaN "
+                             f"checkpoint; prompts from {_records(run, rows)}); nothing of this "
+                             f"update was logged or checkpointed{_last_checkpoint(run)}")
 
     texts = evaluation.decode_responses(models.tokenizer_s, ro_host["tokens_bt"],
                                         ro_host["lengths_b"], models.eos.stop_id)
@@ -393,6 +484,17 @@ def _one_update(run: _Run, k: int, pool: concurrent.futures.ThreadPoolExecutor) 
     t4 = time.perf_counter()
 
     metrics = {key: float(v) for key, v in step_metrics.items() if np.ndim(v) == 0}
+    # The step kept the old state if either is non-finite (train_step.train_step).
+    if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+        if cfg.train.on_nonfinite == "raise":
+            raise NonFiniteError(
+                f"update {k}: loss {metrics['loss']}, grad_norm {metrics['grad_norm']} "
+                f"(prompts from {_records(run, rows)}); the run diverged or its weights hold "
+                f"NaN; nothing of this update was logged or checkpointed"
+                f"{_last_checkpoint(run)}; lower optim.peak_lr, or set "
+                "train.on_nonfinite=skip to skip such updates")
+        run.skipped += 1
+    metrics["skipped_updates"] = float(run.skipped)
     metrics.update(rollout_metrics(ro_host, plan, rewards_b, step_metrics))
     tokens = float(ro_host["lengths_b"].sum())
     metrics.update({
@@ -423,13 +525,72 @@ def _evaluate(run: _Run, updates: int) -> dict[str, float]:
     return out
 
 
-def _setup(cfg: RunConfig, workdir: str, grader: rewards.Grader) -> tuple[_Run, int]:
+def _report_data(stream: data_lib.PromptStream, workdir: str, primary: bool) -> None:
+    report = stream.report or {}
+    affected = report.get("dropped") or report.get("truncated")
+    if not (primary and affected):
+        return
+    verb = "dropped" if report.get("dropped") else "truncated"
+    print(f"data: {verb} {len(affected)} of {report['records']} prompts longer than "
+          f"{report['max_length']} tokens (data.overlong={report['overlong']!r}), first "
+          f"{affected[0]}; list in {workdir}/data_report.json", file=sys.stderr)
+    atomic_write(os.path.join(workdir, "data_report.json"), json.dumps(report, indent=1) + "\n")
+
+
+def _validate_checkpoint(state: ts.TrainState, extra: dict[str, Any]) -> None:
+    missing = [key for key in ("updates", "stream") if key not in extra]
+    if missing:
+        raise CheckpointError(f"its metadata lacks {missing}")
+    bad = checkpointing.nonfinite_paths(state)
+    if bad:
+        raise NonFiniteError(f"NaN/inf values in {len(bad)} array(s), first {bad[0]}")
+
+
+def _restore(manager, workdir: str, abstract_sh, primary: bool, max_to_keep: int):
+    """(manager, state, extra) of the newest checkpoint that restores; newer damaged ones are
+    moved to WORKDIR/checkpoints_damaged (never deleted) and named on stderr."""
+    directory = os.path.join(workdir, "checkpoints")
+    step, state, extra, skipped = checkpointing.restore_newest_good(manager, abstract_sh,
+                                                                    _validate_checkpoint)
+    if step is None:
+        detail = "; ".join(f"checkpoint {s}: {why}" for s, why in skipped)
+        raise CheckpointError(f"no checkpoint in {directory} restores ({detail}); move the "
+                              "directory away to start over")
+    if skipped:
+        manager.close()
+        for bad_step, why in skipped:
+            moved = (checkpointing.set_aside(directory, bad_step,
+                                             os.path.join(workdir, "checkpoints_damaged"))
+                     if primary else "checkpoints_damaged/")
+            print(f"resume: skipped checkpoint {bad_step} ({why}); moved to {moved}",
+                  file=sys.stderr)
+        print(f"resume: resuming from checkpoint {step}", file=sys.stderr)
+        manager = checkpointing.make_manager(directory, save_interval_steps=1,
+                                             max_to_keep=max_to_keep)
+    return manager, state, extra
+
+
+def _setup(cfg: RunConfig, workdir: str) -> tuple[_Run, int]:
+    """Everything before the first update, cheapest checks first: tokenizers, mesh, all the
+    data (parsed, tokenized, over-long prompts handled), eval data, then the weights."""
+    primary = distributed.is_primary()
     PREPARE[cfg.prepare](workdir)
+    tokenizers = load_tokenizers(cfg.model)
     mesh = make_mesh(cfg.mesh)
-    models = load_models(cfg.model, mesh)
+    check_rows_divide(cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt,
+                      dict(mesh.shape), "rollout.prompts_per_step x rollout.samples_per_prompt")
     if jax.process_count() > 1 and not cfg.rollout.prompt_length:
         raise ConfigError("rollout.prompt_length: multi-process runs need a fixed prompt width "
                           "(every process pads its own rows to the same shape)")
+    width = cfg.rollout.prompt_length
+    stream = data_lib.make_stream(
+        cfg.data, *tokenizers, batch_size=cfg.rollout.prompts_per_step,
+        max_length=width or max(PROMPT_BUCKETS),
+        length_field="rollout.prompt_length" if width else "the largest of rollout.PROMPT_BUCKETS")
+    _report_data(stream, workdir, primary)
+    eval_sets = [(ds, evaluation.load_eval_problems(ds)) for ds in cfg.eval.datasets]
+
+    models = load_models(cfg.model, tokenizers, mesh=mesh)
     train_cfg = _train_config(cfg, models, "opd")
     root = jax.random.key(cfg.train.seed)
     init_key, rollout_key, eval_key = jax.random.split(root, 3)
@@ -445,43 +606,72 @@ def _setup(cfg: RunConfig, workdir: str, grader: rewards.Grader) -> tuple[_Run, 
     manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"),
                                          save_interval_steps=1,
                                          max_to_keep=cfg.train.max_checkpoints)
-    latest = checkpointing.latest_step(manager)
-    stream_state = None
-    if latest is None:
+    skipped = 0
+    if not checkpointing.all_steps(manager):
         state = jax.jit(init, out_shardings=state_sh)(params_s)
         start = 0
     else:
         abstract_sh = checkpointing.abstract_target(abstract, state_sh)
-        state, extra = checkpointing.restore(manager, latest, abstract_sh)
-        stream_state = extra["stream"]
+        manager, state, extra = _restore(manager, workdir, abstract_sh, primary,
+                                         cfg.train.max_checkpoints)
+        try:
+            stream.load_state_dict(extra["stream"])
+        except ValueError as e:
+            raise DataError(f"data.source: {e} (the data or data.overlong changed since the "
+                            "checkpoint was written)") from None
         start = int(extra["updates"])
+        skipped = int(extra.get("skipped_updates", 0))
     del params_s
-    stream = data_lib.make_stream(cfg.data, models.tokenizer_s, models.tokenizer_t,
-                                  batch_size=cfg.rollout.prompts_per_step, state=stream_state)
-    eval_sets = [(ds, evaluation.load_eval_problems(ds)) for ds in cfg.eval.datasets]
     run = _Run(cfg=cfg, workdir=workdir, models=models, mesh=mesh, stream=stream,
                state=state, params_t=params_t, rollout_key=rollout_key, eval_key=eval_key,
-               eval_sets=eval_sets, grader=grader, manager=manager)
+               eval_sets=eval_sets, grader=None, manager=manager, skipped=skipped)
     return run, start
 
 
 def _save(run: _Run, updates: int) -> None:
     checkpointing.save(run.manager, updates, run.state,
-                       {"updates": updates, "stream": run.stream.state_dict()})
+                       {"updates": updates, "stream": run.stream.state_dict(),
+                        "skipped_updates": run.skipped})
 
 
-def train(cfg: RunConfig, workdir: str) -> list[dict[str, Any]]:
-    """Runs (or resumes) the job in `workdir`; returns the records logged by this call."""
+def train(cfg: RunConfig, workdir: str, *, config_json: str | None = None
+          ) -> list[dict[str, Any]]:
+    """Runs (or resumes) the job in `workdir`; returns the records logged by this call.
+
+    The primary process holds the workdir lock (`locking.WorkdirLock`) for the whole call;
+    `config_json` (the ConfigDict as JSON) is written to WORKDIR/config.json once setup passed.
+    """
+    fresh = not os.path.exists(workdir)
     os.makedirs(workdir, exist_ok=True)
     total = methods.total_updates(cfg.method, cfg.train.num_steps)
     primary = distributed.is_primary()
-    with rewards.Grader(cfg.train.grader_workers) as grader, \
-            concurrent.futures.ThreadPoolExecutor(1) as pool:
-        run, start = _setup(cfg, workdir, grader)
+    lock = locking.WorkdirLock(workdir) if primary else contextlib.nullcontext()
+    with lock:
         try:
-            return _loop(run, start, total, pool, primary)
-        finally:
-            run.manager.close()
+            run, start = _setup(cfg, workdir)  # every check that can fail, before any process
+        except BaseException:
+            if fresh and primary:
+                _remove_if_only_lock(workdir)
+            raise
+        if config_json is not None and primary:
+            atomic_write(os.path.join(workdir, "config.json"), config_json)
+        with rewards.Grader(cfg.train.grader_workers) as grader, \
+                concurrent.futures.ThreadPoolExecutor(1) as pool:
+            run.grader = grader
+            try:
+                return _loop(run, start, total, pool, primary)
+            finally:
+                run.manager.close()
+
+
+def _remove_if_only_lock(workdir: str) -> None:
+    """A run that failed before its first output leaves no directory behind (just its lock)."""
+    try:
+        if os.listdir(workdir) == [locking.LOCK_FILE]:
+            os.remove(os.path.join(workdir, locking.LOCK_FILE))
+            os.rmdir(workdir)
+    except OSError:  # another trainer raced in: its files stay, and so does the error we report
+        pass
 
 
 def _eval_due(cfg: RunConfig, done: int, total: int) -> bool:
@@ -561,7 +751,7 @@ def evaluate_run(cfg: RunConfig, workdir: str, *, step: int | None = None,
     model_cfg = cfg.model if student is None else dataclasses.replace(
         cfg.model, student=student, student_tokenizer=cfg.model.student_tokenizer or student)
     mesh = make_mesh(cfg.mesh)
-    models = load_models(model_cfg, mesh)
+    models = load_models(model_cfg, mesh=mesh)
     if student is None:
         train_cfg = _train_config(cfg, models, "opd")
         init = functools.partial(ts.init_train_state, config=train_cfg, rng=jax.random.key(0))
@@ -570,11 +760,22 @@ def evaluate_run(cfg: RunConfig, workdir: str, *, step: int | None = None,
         try:
             step = checkpointing.latest_step(manager) if step is None else step
             if step is None:
-                raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-            state, _ = checkpointing.restore(manager, step, checkpointing.abstract_target(
-                abstract, ts.state_shardings(train_cfg, mesh, abstract)))
+                raise CheckpointError(f"no checkpoint in {workdir}/checkpoints")
+            if step not in checkpointing.all_steps(manager):
+                raise CheckpointError(f"no checkpoint {step} in {workdir}/checkpoints (have "
+                                      f"{checkpointing.all_steps(manager)})")
+            try:
+                state, _ = checkpointing.restore(manager, step, checkpointing.abstract_target(
+                    abstract, ts.state_shardings(train_cfg, mesh, abstract)))
+            except Exception as e:  # noqa: BLE001  (a damaged checkpoint fails in many ways)
+                raise CheckpointError(f"{workdir}/checkpoints/{step} cannot be restored: "
+                                      f"{checkpointing.reason(e)}") from None
         finally:
             manager.close()
+        bad = checkpointing.nonfinite_paths(state.params)
+        if bad:
+            raise NonFiniteError(f"{workdir}/checkpoints/{step} has NaN/inf weights in "
+                                 f"{len(bad)} tensor(s), first {bad[0]}")
         params, tag, source = state.params, f"step_{step}", f"{workdir}/checkpoints/{step}"
     else:
         params, tag = models.params_s, os.path.basename(os.path.normpath(student))

@@ -20,7 +20,7 @@
 Masks: query t sees key s iff s <= t (causal) and `valid[b, s]` (left padding: 1 = real token).
 A query that sees no key (a left-padding slot) gets a finite output: the reference keeps its
 uniform average over all keys, the other implementations return 0 there. Either way the value
-is never read by a real token, and its gradient is zero.
+is never read by a real token, so no loss over real tokens depends on it.
 
 Numerics (all implementations): scores, softmax statistics and accumulators in float32; the
 probabilities are cast to the value dtype for the value product; the result has q's dtype.
@@ -38,7 +38,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "splash")
 
@@ -60,7 +59,10 @@ def resolve(impl: str, *, seq_len: int, head_dim: int, dtype, block_size: int = 
     check_implementation(impl)
     if impl != "auto":
         return impl
-    backend = backend or jax.default_backend()
+    if backend is None:
+        backend = jax.default_backend()
+        if backend == "gpu" and "rocm" in jax.devices()[0].client.platform_version.lower():
+            backend = "rocm"
     if backend == "tpu":
         return "splash"
     if backend in ("gpu", "cuda", "rocm"):
@@ -261,11 +263,17 @@ def cudnn_attention(q_btnh, k_btkh, v_btkh, valid_bt) -> jax.Array:
     PADDING_CAUSAL, and rotated back. Requires left padding: each row's real tokens are a
     suffix, as the model's prompts are. Padding queries return 0.
     """
+    return _right_padded_attention(q_btnh, k_btkh, v_btkh, valid_bt, implementation="cudnn")
+
+
+def _right_padded_attention(q_btnh, k_btkh, v_btkh, valid_bt, *, implementation: str):
+    """`jax.nn.dot_product_attention` with PADDING_CAUSAL on rows rotated to right padding
+    ("xla" runs the same semantics on CPU, which is how the rotation is tested)."""
     idx_bt, inverse_bt, length_b = _left_to_right_padding(valid_bt)
     q, k, v = (_take_rows(x, idx_bt) for x in (q_btnh, k_btkh, v_btkh))
     out = jax.nn.dot_product_attention(
         q, k, v, is_causal=True, query_seq_lengths=length_b, key_value_seq_lengths=length_b,
-        implementation="cudnn",
+        implementation=implementation,
     )
     out = _take_rows(out, inverse_bt)
     return jnp.where(valid_bt.astype(bool)[:, :, None, None], out, jnp.zeros((), out.dtype))
@@ -368,6 +376,12 @@ def decode_attention(q_bnh, k_lbskh, v_lbskh, layer, valid_bs, length, *, impl: 
 
     size = min(block_size, cache_len)
     scale = h**-0.5
+    cache_dtype = k_lbskh.dtype
+    if cache_dtype == jnp.bfloat16:
+        # The loop reads the cache as raw 16-bit words and reinterprets each block: XLA:CPU
+        # computes bf16 dots in f32 and would otherwise hoist an f32 convert of the whole
+        # stacked cache out of the loop (an O(cache) copy per layer). A bitcast costs nothing.
+        k_lbskh, v_lbskh = (jax.lax.bitcast_convert_type(x, jnp.uint16) for x in (k_lbskh, v_lbskh))
 
     def k_step(j, carry):
         m, l, acc = carry
@@ -376,6 +390,8 @@ def decode_attention(q_bnh, k_lbskh, v_lbskh, layer, valid_bs, length, *, impl: 
         start = jnp.minimum(j * size, cache_len - size)
         k_j = jax.lax.dynamic_slice(k_lbskh, (layer, 0, start, 0, 0), (1, b, size, kh, h))[0]
         v_j = jax.lax.dynamic_slice(v_lbskh, (layer, 0, start, 0, 0), (1, b, size, kh, h))[0]
+        if k_j.dtype != cache_dtype:
+            k_j, v_j = (jax.lax.bitcast_convert_type(x, cache_dtype) for x in (k_j, v_j))
         pos_s = start + jnp.arange(size)
         mask_bs = (jax.lax.dynamic_slice_in_dim(valid_bs, start, size, axis=1)
                    & (pos_s >= j * size)[None] & (pos_s < length)[None])

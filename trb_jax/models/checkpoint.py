@@ -30,6 +30,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from trb_jax import errors
 from trb_jax.models import qwen3
 
 SAFETENSORS_FILE = "model.safetensors"
@@ -41,7 +42,7 @@ _HUB_PATTERNS = [
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.CheckpointError):
     """A directory, config or tensor that cannot be mapped onto Qwen3 params."""
 
 
@@ -411,7 +412,11 @@ def from_pretrained(
     with contextlib.ExitStack() as stack:
         handles, shapes = {}, {}
         for file in _safetensors_files(directory):
-            handle = stack.enter_context(safe_open(file, framework="numpy"))
+            try:
+                handle = stack.enter_context(safe_open(file, framework="numpy"))
+            except Exception as e:  # noqa: BLE001  (SafetensorError does not name the file)
+                raise CheckpointError(f"{file}: not a readable safetensors file "
+                                      f"({' '.join(str(e).split())})") from None
             for name in handle.keys():
                 handles[name] = handle
                 shapes[name] = tuple(handle.get_slice(name).get_shape())

@@ -42,6 +42,7 @@ Params = dict[str, Any]
 
 DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
+
 @dataclasses.dataclass(frozen=True)
 class Qwen3Config:
     """Static architecture and dtype policy of a Qwen3 dense model (hashable: a jit static arg).

@@ -17,6 +17,7 @@ import time
 
 from trb_jax import config as config_lib
 from trb_jax import plotting, trainer
+from trb_jax.errors import cli_main
 from trb_jax.metric_writer import read_jsonl
 
 METHODS = ("vanilla", "trb")
@@ -56,6 +57,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="updates per run (default: "
                         "configs/toy.py's)")
     args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
     start = time.perf_counter()
     workdirs = {m: run_method(m, args.out, args.seed, args.steps) for m in METHODS}
     print(table(workdirs))
@@ -72,4 +75,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli_main(main)()
