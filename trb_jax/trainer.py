@@ -579,6 +579,8 @@ def _setup(cfg: RunConfig, workdir: str) -> tuple[_Run, int]:
     mesh = make_mesh(cfg.mesh)
     check_rows_divide(cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt,
                       dict(mesh.shape), "rollout.prompts_per_step x rollout.samples_per_prompt")
+    if cfg.train.microbatch_rows:  # each micro-batch is split over the same devices
+        check_rows_divide(cfg.train.microbatch_rows, dict(mesh.shape), "train.microbatch_rows")
     if jax.process_count() > 1 and not cfg.rollout.prompt_length:
         raise ConfigError("rollout.prompt_length: multi-process runs need a fixed prompt width "
                           "(every process pads its own rows to the same shape)")
