@@ -14,7 +14,8 @@ top-k 16 reverse KL, eps_0 grid {0.001, 0.005, 0.01, 0.02, 0.05} (default 0.01),
 tau_T = 0.2, temperature warmup tau_0 in {0.8, 0.9, 0.95} (default 0.9), SFT warmup checkpoints
 at 15/25/50 updates (default 25). Not stated in the sources, chosen here and overridable: 64
 prompts x 4 samples per step, 4,096 response tokens, lr 1e-6 with 10 warmup updates, warmup
-horizon K = 50 updates, 400 OPD updates, bfloat16 weights. The checkpoints and the dataset are
+horizon K = 50 updates, 400 OPD updates, float32 master weights + AdamW state with bfloat16
+compute and teacher, train micro-batches of 8 rows. The checkpoints and the dataset are
 Hugging Face hub ids (they need network access; point the fields at local copies otherwise).
 """
 
@@ -50,7 +51,10 @@ def get_config(arg: str | None = None):
         raise ValueError(f"configs/opd.py: unknown pair {pair!r}; choose one of {sorted(PAIRS)}")
     config = base_config()
     config.model.student, config.model.teacher = PAIRS[pair]
-    config.model.param_dtype = "bfloat16"
+    # Mixed precision: float32 master weights and AdamW state, bfloat16 compute and teacher.
+    config.model.param_dtype = "float32"
+    config.model.compute_dtype = "bfloat16"
+    config.model.teacher_dtype = "bfloat16"
     config.model.remat_layers = True
     config.data.source = "open-thoughts/OpenThoughts3-1.2M"
     config.data.split = "train"
@@ -78,6 +82,9 @@ def get_config(arg: str | None = None):
     config.train.checkpoint_every = 25
     config.train.eval_every = 50
     config.train.chunk_size = 512
+    # 256 rows per step in micro-batches of 8 (one row per device on 8 devices): memory is
+    # set by the micro-batch (docs/scaling.md, compiled per-device figures).
+    config.train.microbatch_rows = 8
     config.train.grader_workers = 8
     for name in SUITES[pair]:
         config.eval.datasets[name] = BENCHMARKS[name]

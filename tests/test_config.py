@@ -30,6 +30,9 @@ def test_paper_configs_convert_for_every_method(pair, method):
     assert cfg.data.max_examples == 25_600
     assert cfg.data.system_prompt.startswith("Please reason step by step")
     assert cfg.model.student.endswith("-Base")
+    assert (cfg.model.param_dtype, cfg.model.compute_dtype, cfg.model.teacher_dtype) == (
+        "float32", "bfloat16", "bfloat16")  # float32 master weights + AdamW state
+    assert cfg.train.microbatch_rows == 8
     names = {d.name for d in cfg.eval.datasets}
     assert names == set(_load("opd").SUITES[pair])
 
@@ -101,6 +104,10 @@ class _nullcontext:
     ("train.num_steps", 0, "train.num_steps: must be >= 1, got 0"),
     ("train.chunk_size", 0, "train.chunk_size: must be >= 1, got 0"),
     ("model.param_dtype", "float16", "model.param_dtype: must be one of"),
+    ("model.param_dtype", "bfloat16", "model.param_dtype: bfloat16 trained weights lose AdamW updates"),
+    ("model.compute_dtype", "float16", "model.compute_dtype: must be '' or one of"),
+    ("train.microbatch_rows", -1, "train.microbatch_rows: must be >= 0, got -1"),
+    ("train.microbatch_rows", 3, "train.microbatch_rows: 3 must divide the 8 rows per step"),
     ("model.attention", "flash", "model.attention: must be one of"),
     ("model.teacher", "", "model.teacher: a teacher checkpoint path is required"),
     ("data.source", "", "data.source: a prompt file or hub dataset id is required"),
@@ -116,6 +123,12 @@ class _nullcontext:
 ])
 def test_bad_values_are_one_line_errors_naming_the_field(path, value, expected):
     assert _error(_set(path, value)).startswith(expected)
+
+
+def test_bf16_adamw_only_when_asked_for():
+    cd = _base()
+    cd.model.param_dtype, cd.model.allow_bf16_adamw = "bfloat16", True
+    assert C.to_run_config(cd).model.param_dtype == "bfloat16"
 
 
 def test_unknown_fields_are_errors_naming_the_field():

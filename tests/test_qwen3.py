@@ -329,3 +329,24 @@ def test_init_params_layout_and_dtype():
     assert "lm_head_dv" not in abstract  # tied
     assert abstract["layers"]["q_dnh"].shape == (28, 1024, 16, 128)
     assert math.prod(abstract["embed_vd"].shape) == 151936 * 1024
+
+
+@pytest.mark.parametrize("tied", (False, True))
+def test_unembed_logits_are_float32_out_of_the_dot(tied):
+    """bf16 compute: the LM head's products are accumulated and returned in float32, never
+    rounded to bf16 (0.125-nat steps at |logit| in [16, 32), which would quantise the blend's r)."""
+    config = qwen3.Qwen3Config(vocab_size=512, hidden_size=64, num_layers=1, num_heads=2,
+                               num_kv_heads=1, head_dim=32, intermediate_size=96,
+                               tie_word_embeddings=tied).with_dtype("bfloat16")
+    params = qwen3.init_params(config, jax.random.key(0))
+    name = "embed_vd" if tied else "lm_head_dv"
+    params = {**params, name: params[name] * 400}  # logits well past 16
+    x_btd = jnp.asarray(np.random.default_rng(0).normal(0, 1, (2, 3, 64)), jnp.bfloat16)
+    got = qwen3.unembed(params, config, x_btd)
+    normed = np.asarray(qwen3.rms_norm(x_btd, params["final_norm_d"], config.rms_norm_eps), np.float64)
+    w = np.asarray(params["embed_vd"], np.float64).T if tied else np.asarray(params["lm_head_dv"], np.float64)
+    want = normed @ w
+    assert got.dtype == jnp.float32 and np.abs(want).max() > 16
+    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+    rounded = np.asarray(jnp.asarray(want, jnp.bfloat16), np.float64)
+    assert np.abs(np.asarray(got, np.float64) - rounded).max() > 1e-2

@@ -112,6 +112,54 @@ def test_student_teacher_vocabulary_mismatch_is_a_config_error(world, tmp_path):
                             "teacher vocab_size 136 (OPD needs a shared vocabulary)")
 
 
+def _teacher_placement_check():
+    """8 fake devices, mesh (fsdp 2, tensor 4): load_models reads the teacher by the inference
+    rules (embed replicated, heads / MLP / vocab over tensor) and the student by the training
+    rules, straight into their shards."""
+    import math
+
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    from trb_jax import sharding
+
+    world = os.environ["TRB_TEST_SMOKE_WORLD"]
+    mesh = sharding.make_mesh(data=1, fsdp=2, tensor=4)
+    model = C.ModelConfig(student=f"{world}/student", teacher=f"{world}/teacher",
+                          compute_dtype="bfloat16", teacher_dtype="bfloat16")
+    models = trainer.load_models(model, mesh=mesh)
+
+    def expected(config, rules, itemsize):
+        shapes = jax.tree.leaves(jax.eval_shape(lambda: trainer.qwen3.init_params(config, jax.random.key(0))))
+        axes = jax.tree.leaves(trainer.qwen3.param_logical_axes(config),
+                               is_leaf=lambda x: isinstance(x, tuple))
+        total = 0
+        for ax, x in zip(axes, shapes):
+            spec = sharding.logical_to_spec(ax, x.shape, dict(mesh.shape), rules)
+            split = math.prod(mesh.shape[a] for e in spec if e for a in ((e,) if isinstance(e, str) else e))
+            total += math.prod(x.shape) // split * itemsize
+        return total
+
+    t_bytes = sharding.per_device_bytes(models.params_t)
+    want_t = expected(models.config_t, sharding.INFERENCE_AXIS_RULES, 2)
+    assert len(t_bytes) == 8 and set(t_bytes.values()) == {want_t}, (t_bytes, want_t)
+    assert want_t > expected(models.config_t, sharding.LOGICAL_AXIS_RULES, 2)  # embed not split
+    assert models.params_t["layers"]["gate_df"].sharding.spec == P(None, None, "tensor")
+    assert models.params_t["layers"]["gate_df"].dtype == "bfloat16"
+    assert models.config_t.compute_dtype == models.config_s.compute_dtype == "bfloat16"
+    s_bytes = sharding.per_device_bytes(models.params_s)
+    assert set(s_bytes.values()) == {expected(models.config_s, sharding.LOGICAL_AXIS_RULES, 4)}
+    assert models.params_s["layers"]["gate_df"].sharding.spec == P(None, "fsdp", "tensor")
+    print(f"TEACHER_PLACEMENT_OK teacher {want_t} B per device")
+
+
+def test_teacher_is_loaded_sharded_by_the_inference_rules_on_8_devices(world, monkeypatch):
+    from fake_devices import run_on_fake_devices
+
+    monkeypatch.setenv("TRB_TEST_SMOKE_WORLD", world)
+    run_on_fake_devices("test_trainer", "_teacher_placement_check", "TEACHER_PLACEMENT_OK")
+
+
 def _cli(module, workdir, *overrides, env_extra=None):
     env = dict(os.environ, JAX_PLATFORMS="cpu", **(env_extra or {}))
     return [sys.executable, "-m", module, "--config=configs/smoke.py", f"--workdir={workdir}",

@@ -42,8 +42,18 @@ __all__ = [
 class ModelConfig:
     """student / teacher: Hugging Face checkpoint dirs (or hub ids) in safetensors format.
 
-    *_tokenizer: where each tokenizer is ("" = the checkpoint dir). param_dtype: "float32" or
-    "bfloat16" for both models. remat_layers: checkpoint each student layer in the train step.
+    *_tokenizer: where each tokenizer is ("" = the checkpoint dir). remat_layers: checkpoint
+    each student layer in the train step.
+
+    Dtype policy ("float32" or "bfloat16"; "" = param_dtype):
+      param_dtype    the student's trained weights and its AdamW moments (float32 master copy).
+      compute_dtype  activations and matmul inputs of both models: weights are cast to it at
+                     use inside the jitted programs; the rollout and evaluation read a copy of
+                     the student in this dtype. Logits are float32 either way.
+      teacher_dtype  the frozen teacher's stored weights.
+      allow_bf16_adamw  param_dtype "bfloat16" is refused unless this is True: AdamW on
+                     bfloat16 weights drops every update below the bf16 spacing (at lr 1e-6
+                     about 98% of the weights of a fresh model never move).
     attention: the attention implementation of both models (`Qwen3Config.attention`): "auto"
     (the best for the backend), "xla" (reference), "blockwise", "cudnn" (GPU) or "splash" (TPU).
     """
@@ -53,8 +63,19 @@ class ModelConfig:
     student_tokenizer: str = ""
     teacher_tokenizer: str = ""
     param_dtype: str = "float32"
+    compute_dtype: str = ""
+    teacher_dtype: str = ""
+    allow_bf16_adamw: bool = False
     remat_layers: bool = False
     attention: str = "auto"
+
+    @property
+    def student_compute_dtype(self) -> str:
+        return self.compute_dtype or self.param_dtype
+
+    @property
+    def teacher_param_dtype(self) -> str:
+        return self.teacher_dtype or self.param_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +105,8 @@ class TrainLoopConfig:
 
     checkpoint_every / eval_every: in updates (0 = never; a final checkpoint is always
     written). chunk_size: loss positions per logits chunk. grader_*: math-verify pool.
+    microbatch_rows: rows per train-step micro-batch (0 = all rows at once); gradients of the
+    micro-batches are summed in float32 into one update. Must divide the rows per step.
     on_nonfinite: a NaN/inf loss or gradient norm "raise"s (default: the run stops naming the
     update, before it is logged or checkpointed) or "skip"s the update (state unchanged,
     counted in the `skipped_updates` metric).
@@ -99,6 +122,7 @@ class TrainLoopConfig:
     max_checkpoints: int = 3
     eval_every: int = 0
     chunk_size: int = 256
+    microbatch_rows: int = 0
     grader_workers: int = 2
     grader_timeout_s: float = 5.0
     progress_bar: bool = True
@@ -277,6 +301,13 @@ def to_run_config(cd: ml_collections.ConfigDict, *, workdir: str | None = None) 
     _check(bool(model.teacher), "model.teacher: a teacher checkpoint path is required")
     _check(model.param_dtype in _STR_DTYPES,
            f"model.param_dtype: must be one of {_STR_DTYPES}, got {model.param_dtype!r}")
+    for f in ("compute_dtype", "teacher_dtype"):
+        _check(getattr(model, f) in ("",) + _STR_DTYPES,
+               f"model.{f}: must be '' or one of {_STR_DTYPES}, got {getattr(model, f)!r}")
+    _check(model.param_dtype != "bfloat16" or model.allow_bf16_adamw,
+           "model.param_dtype: bfloat16 trained weights lose AdamW updates below the bf16 "
+           "spacing; use float32 master weights with model.compute_dtype='bfloat16', or set "
+           "model.allow_bf16_adamw=True")
     _check(model.attention in attention_lib.IMPLEMENTATIONS,
            f"model.attention: must be one of {attention_lib.IMPLEMENTATIONS}, got {model.attention!r}")
 
@@ -307,6 +338,12 @@ def to_run_config(cd: ml_collections.ConfigDict, *, workdir: str | None = None) 
     _check(train.num_steps >= 1, f"train.num_steps: must be >= 1, got {train.num_steps}")
     for f in ("log_every", "max_checkpoints", "chunk_size", "grader_workers"):
         _check(getattr(train, f) >= 1, f"train.{f}: must be >= 1, got {getattr(train, f)}")
+    _check(train.microbatch_rows >= 0,
+           f"train.microbatch_rows: must be >= 0, got {train.microbatch_rows}")
+    rows = rollout.prompts_per_step * rollout.samples_per_prompt
+    _check(train.microbatch_rows == 0 or rows % train.microbatch_rows == 0,
+           f"train.microbatch_rows: {train.microbatch_rows} must divide the {rows} rows per "
+           "step (rollout.prompts_per_step x rollout.samples_per_prompt)")
     for f in ("checkpoint_every", "eval_every", "seed"):
         _check(getattr(train, f) >= 0, f"train.{f}: must be >= 0, got {getattr(train, f)}")
     _check(train.on_nonfinite in ("raise", "skip"),

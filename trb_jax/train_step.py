@@ -83,6 +83,15 @@ class TrainConfig:
       "renormalized", "tail_bucket", "unrenormalized"); renormalize=False is the older spelling
       of "unrenormalized". Veto always renormalises.
     vocab_chunk_size: vocabulary columns per tile of the LM head's backward pass.
+    microbatch_rows: rows per micro-batch (0: the whole batch at once). One update over B rows
+      runs B / microbatch_rows forward+backward passes in a `lax.scan` (the teacher forward
+      too) and sums their float32 gradients: the same update, with activation memory set by
+      the micro-batch. Must divide B; on a mesh, keep it a multiple of data x fsdp.
+
+    Dtype policy (mixed precision): the student's params are stored in
+    `student.param_dtype` (float32 master weights, AdamW moments in the same dtype) and cast to
+    `student.compute_dtype` (bfloat16) at use inside the step; logits come out of the LM head
+    in float32 (`preferred_element_type`), and the head's gradient is accumulated in float32.
     """
 
     student: qwen3.Qwen3Config
@@ -95,6 +104,7 @@ class TrainConfig:
     remat_layers: bool = False
     loss: str = "opd"
     vocab_chunk_size: int = 8192
+    microbatch_rows: int = 0
     topk_support: str = "renormalized"
 
     @property
@@ -114,6 +124,8 @@ class TrainConfig:
             raise ValueError(f"vocab_chunk_size must be positive, got {self.vocab_chunk_size}")
         if self.chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive number of positions, got {self.chunk_size}")
+        if self.microbatch_rows < 0:
+            raise ValueError(f"microbatch_rows must be >= 0 (0: no micro-batching), got {self.microbatch_rows}")
         if not 1 <= self.top_k <= self.student.vocab_size:
             raise ValueError(f"top_k must be in [1, {self.student.vocab_size}], got {self.top_k}")
         if self.teacher is not None and self.teacher.vocab_size != self.student.vocab_size:
@@ -460,7 +472,9 @@ class LinearHead:
         """float32 logits [B, C, V'] for the columns in w (default: all of W)."""
         w = self.w if w is None else w
         eq = "bcd,vd->bcv" if self.vocab_major else "bcd,dv->bcv"
-        return jnp.einsum(eq, xn_bcd, w.astype(xn_bcd.dtype)).astype(jnp.float32)
+        # float32 straight out of the dot: rounding bf16 logits first would quantise them in
+        # steps of 0.125 at |z| in [16, 32) (and with them the blend's r = t - s).
+        return jnp.einsum(eq, xn_bcd, w.astype(xn_bcd.dtype), preferred_element_type=jnp.float32)
 
     def __call__(self, x_bcd: jax.Array) -> jax.Array:
         return self.logits_from_normed(self.normed(x_bcd))
@@ -631,17 +645,19 @@ def _log_probs_at_bwd(chunk, vocab_chunk, eos, residuals, g_btm):
             gz_bcv = gz_bcv.at[bi, ci, local].add(sg_c, mode="drop")
             dw_s = jnp.einsum(dw_eq, xn_c.astype(jnp.float32), gz_bcv)
             old = jax.lax.dynamic_slice_in_dim(dw, start, vc, axis=v_axis)
-            dw = jax.lax.dynamic_update_slice_in_dim(dw, old + dw_s.astype(dw.dtype), start, axis=v_axis)
+            dw = jax.lax.dynamic_update_slice_in_dim(dw, old + dw_s, start, axis=v_axis)
             return dw, dxn_c + jnp.einsum(dx_eq, gz_bcv, w_s.astype(jnp.float32))
 
         dw, dxn_c = jax.lax.fori_loop(0, n_v, v_body, (dw, jnp.zeros((b, c, d), jnp.float32)))
         return dw, jax.lax.dynamic_update_slice_in_dim(dxn, dxn_c, i * c, axis=1)
 
+    # dW is accumulated over the T-chunks in float32 whatever W's dtype (a bf16 accumulator
+    # would drop every chunk's contribution below its spacing), and cast once at the end.
     dw, dxn = jax.lax.fori_loop(
-        0, n, t_body, (jnp.zeros_like(head.w), jnp.zeros((b, n * c, d), jnp.float32))
+        0, n, t_body, (jnp.zeros(head.w.shape, jnp.float32), jnp.zeros((b, n * c, d), jnp.float32))
     )
     dx_btd, dnorm_d = norm_vjp(dxn[:, :t].astype(xn_btd.dtype))
-    return head.replace(w=dw, norm_d=dnorm_d), dx_btd, None, None, None, None
+    return head.replace(w=dw.astype(head.w.dtype), norm_d=dnorm_d), dx_btd, None, None, None, None
 
 
 _log_probs_at.defvjp(_log_probs_at_fwd, _log_probs_at_bwd)
@@ -706,9 +722,12 @@ def teacher_response_hidden(teacher_params: Params, config: TrainConfig, batch: 
 
 def loss_fn(
     params: Params, batch: Batch, teacher_x_btd: jax.Array | None, teacher_params: Params | None,
-    config: TrainConfig,
+    config: TrainConfig, *, denominator: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:  # fmt: skip
     """Masked token mean of the `config.loss` per-token loss over the response, and metrics.
+
+    denominator: divide the masked token sums by this count instead of this batch's own
+    (a micro-batch's share of the whole batch's mean); None: this batch's response tokens.
 
     Metrics: student_topk_mass (scalar) and per-row [B] float32 token means over the response
     (0 for a row with no response token): student_logprob_b (log pi_S of the response tokens,
@@ -738,10 +757,81 @@ def loss_fn(
     def row_mean(x_bt):  # masked positions never count (a NaN there neither)
         return jnp.sum(jnp.where(m_bt > 0, x_bt, 0.0) * m_bt, axis=-1) / count_b
 
-    aux = {"student_topk_mass": losses.masked_mean(scores["student_topk_mass_bt"], mask_bt)}
+    if denominator is None:
+        denominator = jnp.maximum(jnp.sum(m_bt), 1.0)
+
+    def token_mean(x_bt):  # losses.masked_mean with an outside denominator
+        return jnp.sum(jnp.where(m_bt > 0, x_bt.astype(jnp.float32), 0.0) * m_bt) / denominator
+
+    aux = {"student_topk_mass": token_mean(scores["student_topk_mass_bt"])}
     for name in ("student_logprob", "teacher_logprob", "teacher_entropy"):
         aux[f"{name}_b"] = row_mean(scores[f"{name}_bt"])
-    return losses.masked_mean(per_bt, mask_bt), aux
+    return token_mean(per_bt), aux
+
+
+def num_microbatches(config: TrainConfig, rows: int) -> int:
+    """How many micro-batches a batch of `rows` rows runs in (1: no micro-batching)."""
+    mb = config.microbatch_rows
+    if mb == 0 or mb >= rows:
+        return 1
+    if rows % mb:
+        raise ValueError(f"microbatch_rows={mb} must divide the batch's {rows} rows")
+    return rows // mb
+
+
+def _split_rows(x: jax.Array, n: int) -> jax.Array:
+    """[B, ...] -> [n, B / n, ...] with micro-batch i = rows i, i + n, i + 2n, ...: strided, so
+    a micro-batch spans every device of a row-sharded batch (a contiguous split would put each
+    micro-batch on 1/n of the devices)."""
+    return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
+
+
+def _merge_rows(x: jax.Array) -> jax.Array:
+    """Inverse of `_split_rows`: [n, B / n, ...] -> [B, ...]."""
+    return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+
+def batch_grads(
+    params: Params, batch: Batch, teacher_params: Params | None, config: TrainConfig
+) -> tuple[jax.Array, dict[str, jax.Array], Params]:  # fmt: skip
+    """(loss, aux, grads) of the whole batch's token-mean loss (see `loss_fn`).
+
+    With `config.microbatch_rows`, a `lax.scan` runs one micro-batch at a time (teacher
+    forward, student forward + backward) and adds its gradient into a float32 accumulator;
+    every micro-batch divides its token sums by the whole batch's token count, so the sum is
+    the one-shot gradient (up to float32 summation order). Grads come back in the params' dtype.
+    """
+    needs_teacher = LOSS_KINDS[config.loss].needs_teacher and not batch.uses_stored_teacher
+
+    def one(mb: Batch, denominator):
+        teacher_x_btd = None
+        if needs_teacher:
+            # The teacher is frozen: its forward runs outside value_and_grad.
+            teacher_x_btd = teacher_response_hidden(teacher_params, config, mb)
+        return jax.value_and_grad(loss_fn, has_aux=True)(
+            params, mb, teacher_x_btd, teacher_params, config, denominator=denominator
+        )
+
+    n = num_microbatches(config, batch.response_mask_bt.shape[0])
+    if n == 1:
+        (loss, aux), grads = one(batch, None)
+        return loss, aux, grads
+    denominator = jnp.maximum(jnp.sum(batch.response_mask_bt.astype(jnp.float32)), 1.0)
+    alpha = batch.target_alpha
+    rows = jax.tree.map(lambda x: _split_rows(x, n), batch.replace(target_alpha=None))
+
+    def body(carry, mb: Batch):
+        g_acc, loss_acc, mass_acc = carry
+        (loss, aux), grads = one(mb.replace(target_alpha=alpha), denominator)
+        g_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), g_acc, grads)
+        per_row = {k: v for k, v in aux.items() if k != "student_topk_mass"}
+        return (g_acc, loss_acc + loss, mass_acc + aux["student_topk_mass"]), per_row
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (g_acc, loss, mass), per_row = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)), rows)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), g_acc, params)
+    aux = {"student_topk_mass": mass, **{k: _merge_rows(v) for k, v in per_row.items()}}
+    return loss, aux, grads
 
 
 def train_step(
@@ -756,14 +846,8 @@ def train_step(
     sees it in the metrics and raises or counts a skipped update).
     """
     check_batch(batch, config, teacher_params)
-    teacher_x_btd = None
-    if LOSS_KINDS[config.loss].needs_teacher and not batch.uses_stored_teacher:
-        # The teacher is frozen: its forward runs outside value_and_grad, once for the batch.
-        teacher_x_btd = teacher_response_hidden(teacher_params, config, batch)
     tx, schedule = make_optimizer(config.optim)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, teacher_x_btd, teacher_params, config
-    )
+    loss, aux, grads = batch_grads(state.params, batch, teacher_params, config)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     rng, _ = jax.random.split(state.rng)
@@ -816,10 +900,17 @@ def batch_shardings(mesh: Mesh, batch: Batch) -> Batch:
     return jax.tree.map(one, batch)
 
 
-def teacher_shardings(config: TrainConfig, mesh: Mesh, teacher_params: Params) -> Params:
+def teacher_shardings(
+    config: TrainConfig, mesh: Mesh, teacher_params: Params,
+    rules: tuple[tuple[str, sharding.MeshAxes], ...] = sharding.INFERENCE_AXIS_RULES,
+) -> Params:  # fmt: skip
+    """The frozen teacher's shardings: INFERENCE_AXIS_RULES by default ("embed" replicated,
+    heads / MLP / vocab over tensor), as the rollout places it; LOGICAL_AXIS_RULES when the
+    teacher does not fit replicated over data x fsdp."""
     if config.teacher is None:
         raise ValueError("teacher_shardings needs config.teacher")
-    return sharding.tree_shardings(qwen3.param_logical_axes(config.teacher), mesh, teacher_params)
+    return sharding.tree_shardings(qwen3.param_logical_axes(config.teacher), mesh, teacher_params,
+                                   rules=rules)  # fmt: skip
 
 
 def jit_train_step(

@@ -143,8 +143,10 @@ def load_tokenizers(model_cfg) -> tuple[Any, Any]:
     return tok_s, tok_t
 
 
-def _load_checkpoint(path: str, field: str, dtype: str):
-    model = hf_checkpoint.from_pretrained(_checkpoint_dir(path, field), dtype=dtype)
+def _load_checkpoint(path: str, field: str, dtype: str, compute_dtype: str, mesh: Mesh | None,
+                     rules) -> qwen3.Qwen3CausalLM:
+    model = hf_checkpoint.from_pretrained(_checkpoint_dir(path, field), dtype=dtype,
+                                          compute_dtype=compute_dtype, mesh=mesh, rules=rules)
     bad = checkpointing.nonfinite_paths(model.params)
     if bad:
         raise NonFiniteError(f"{field}: the checkpoint {path} has NaN/inf weights in "
@@ -152,12 +154,25 @@ def _load_checkpoint(path: str, field: str, dtype: str):
     return model
 
 
-def load_models(model_cfg, tokenizers: tuple[Any, Any] | None = None) -> Models:
+def load_models(model_cfg, tokenizers: tuple[Any, Any] | None = None, *,
+                mesh: Mesh | None = None) -> Models:
     """Loads both checkpoints (checked finite) and tokenizers (`load_tokenizers` unless given);
-    one-line errors for a missing directory or a vocabulary mismatch."""
+    one-line errors for a missing directory or a vocabulary mismatch.
+
+    The student in `param_dtype` (its trained master weights), the teacher in `teacher_dtype`,
+    both computing in `compute_dtype`. With a mesh, each parameter is built shard by shard from
+    safetensors slices, so each process reads only the bytes of its own shards: the student
+    laid out by the training rules (as its TrainState), the frozen teacher by
+    INFERENCE_AXIS_RULES ("embed" replicated: decoding never all-gathers it).
+    """
     tok_s, tok_t = tokenizers or load_tokenizers(model_cfg)
-    s = _load_checkpoint(model_cfg.student, "model.student", model_cfg.param_dtype)
-    t = _load_checkpoint(model_cfg.teacher, "model.teacher", model_cfg.param_dtype)
+    compute = model_cfg.student_compute_dtype
+    s = _load_checkpoint(model_cfg.student, "model.student", model_cfg.param_dtype, compute, mesh,
+                         sharding.LOGICAL_AXIS_RULES)
+    t = _load_checkpoint(model_cfg.teacher, "model.teacher", model_cfg.teacher_param_dtype,
+                         compute, mesh, sharding.INFERENCE_AXIS_RULES)
+    s_config = dataclasses.replace(s.config, attention=model_cfg.attention)
+    t_config = dataclasses.replace(t.config, attention=model_cfg.attention)
     if s.config.vocab_size != t.config.vocab_size:
         raise ConfigError(
             f"model.teacher: vocabulary mismatch: student vocab_size {s.config.vocab_size} vs "
@@ -165,7 +180,7 @@ def load_models(model_cfg, tokenizers: tuple[Any, Any] | None = None) -> Models:
     student_eos = _eos_ids(tok_s, model_cfg.student, "model.student_tokenizer")
     teacher_eos = _eos_ids(tok_t, model_cfg.teacher, "model.teacher_tokenizer")
     eos = EosMap.from_ids(student_eos, teacher_eos)
-    return Models(s.params, s.config, t.params, t.config, tok_s, tok_t, eos,
+    return Models(s.params, s_config, t.params, t_config, tok_s, tok_t, eos,
                   student_eos[0], teacher_eos[0])
 
 
@@ -181,6 +196,25 @@ def make_mesh(mesh_cfg) -> Mesh:
         raise ConfigError(f"mesh: data {mesh_cfg.data} x fsdp {mesh_cfg.fsdp} x tensor "
                           f"{mesh_cfg.tensor} does not match the {n} devices")
     return sharding.make_mesh(data, mesh_cfg.fsdp, mesh_cfg.tensor)
+
+
+@functools.lru_cache(maxsize=8)
+def _compute_cast(config: qwen3.Qwen3Config, mesh: Mesh):
+    """jit: the student's params -> a copy in its compute dtype, placed like the teacher
+    (INFERENCE_AXIS_RULES) for the rollout and evaluation: a decode step then reads bf16
+    weights and never all-gathers them."""
+    out = sharding.param_shardings(config, mesh, rules=sharding.INFERENCE_AXIS_RULES)
+    dtype = qwen3.DTYPES[config.compute_dtype]
+    return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p), out_shardings=out)
+
+
+def inference_student(params: Any, config: qwen3.Qwen3Config, mesh: Mesh):
+    """(params, config) the rollout and evaluation decode with: the master weights themselves
+    when they are already in the compute dtype, else a compute-dtype copy (one per update)."""
+    if config.param_dtype == config.compute_dtype:
+        return params, config
+    return (_compute_cast(config, mesh)(params),
+            config.with_dtype(config.compute_dtype, config.compute_dtype))
 
 
 def check_rows_divide(rows: int, mesh_shape: dict[str, int], field: str) -> None:
@@ -339,7 +373,8 @@ def _train_config(cfg: RunConfig, models: Models, loss: str) -> ts.TrainConfig:
     return ts.TrainConfig(student=models.config_s, teacher=models.config_t, optim=optim,
                           top_k=cfg.rollout.top_k, chunk_size=cfg.train.chunk_size,
                           eos=models.eos, remat_layers=cfg.model.remat_layers, loss=loss,
-                          topk_support=cfg.train.topk_support)
+                          topk_support=cfg.train.topk_support,
+                          microbatch_rows=cfg.train.microbatch_rows)
 
 
 def _rollout_spec(cfg: RunConfig, models: Models, behavior: str) -> RolloutSpec:
@@ -442,9 +477,11 @@ def _one_update(run: _Run, k: int, pool: concurrent.futures.ThreadPoolExecutor) 
                        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
     keys = row_keys(jax.random.fold_in(run.rollout_key, k), np.arange(len(rows)))
     spec = _rollout_spec(cfg, models, plan.behavior)
+    params_s, config_s = inference_student(run.state.params, models.config_s, run.mesh)
     with jax.set_mesh(run.mesh):
-        ro = rollout(run.state.params, run.params_t, prompts, keys, knobs,
-                     student_config=models.config_s, teacher_config=models.config_t, spec=spec)
+        ro = rollout(params_s, run.params_t, prompts, keys, knobs,
+                     student_config=config_s, teacher_config=models.config_t, spec=spec)
+    del params_s
     ro_host = _fetch_tree({f.name: getattr(ro, f.name) for f in dataclasses.fields(ro)})
     t1 = time.perf_counter()
     problem = check_rollout_finite(ro_host)
@@ -514,10 +551,11 @@ def _save_sft_checkpoint(run: _Run, done: int) -> None:
 def _evaluate(run: _Run, updates: int) -> dict[str, float]:
     out = {}
     ev, models = run.cfg.eval, run.models
+    params_s, config_s = inference_student(run.state.params, models.config_s, run.mesh)
     for ds, (problems, answers) in run.eval_sets:
         with jax.set_mesh(run.mesh):
             res = evaluation.evaluate_dataset(
-                ds.name, problems, answers, params=run.state.params, config=models.config_s,
+                ds.name, problems, answers, params=params_s, config=config_s,
                 tokenizer=models.tokenizer_s, eos=models.eos, student_eos_id=models.student_eos_id,
                 grader=run.grader, rng=jax.random.fold_in(run.eval_key, updates),
                 num_samples=ev.num_samples, max_new_tokens=ev.max_new_tokens, ks=ev.ks,
@@ -582,6 +620,8 @@ def _setup(cfg: RunConfig, workdir: str) -> tuple[_Run, int]:
     mesh = make_mesh(cfg.mesh)
     check_rows_divide(cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt,
                       dict(mesh.shape), "rollout.prompts_per_step x rollout.samples_per_prompt")
+    if cfg.train.microbatch_rows:  # each micro-batch is split over the same devices
+        check_rows_divide(cfg.train.microbatch_rows, dict(mesh.shape), "train.microbatch_rows")
     if jax.process_count() > 1 and not cfg.rollout.prompt_length:
         raise ConfigError("rollout.prompt_length: multi-process runs need a fixed prompt width "
                           "(every process pads its own rows to the same shape)")
@@ -593,7 +633,7 @@ def _setup(cfg: RunConfig, workdir: str) -> tuple[_Run, int]:
     _report_data(stream, workdir, primary)
     eval_sets = [(ds, evaluation.load_eval_problems(ds)) for ds in cfg.eval.datasets]
 
-    models = load_models(cfg.model, tokenizers)
+    models = load_models(cfg.model, tokenizers, mesh=mesh)
     train_cfg = _train_config(cfg, models, "opd")
     root = jax.random.key(cfg.train.seed)
     init_key, rollout_key, eval_key = jax.random.split(root, 3)
@@ -601,9 +641,9 @@ def _setup(cfg: RunConfig, workdir: str) -> tuple[_Run, int]:
     init = functools.partial(ts.init_train_state, config=train_cfg, rng=init_key)
     abstract = jax.eval_shape(init, models.params_s)
     state_sh = ts.state_shardings(train_cfg, mesh, abstract)
-    params_s = jax.device_put(models.params_s, state_sh.params)
+    params_s = jax.device_put(models.params_s, state_sh.params)  # loaded so: no copy
     params_t = jax.device_put(models.params_t,
-                              ts.teacher_shardings(train_cfg, mesh, models.params_t))
+                              ts.teacher_shardings(train_cfg, mesh, models.params_t))  # idem
     models = dataclasses.replace(models, params_s=None, params_t=None)  # one copy: in the state
 
     manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"),
@@ -757,8 +797,8 @@ def evaluate_run(cfg: RunConfig, workdir: str, *, step: int | None = None,
     PREPARE[cfg.prepare](workdir)
     model_cfg = cfg.model if student is None else dataclasses.replace(
         cfg.model, student=student, student_tokenizer=cfg.model.student_tokenizer or student)
-    models = load_models(model_cfg)
     mesh = make_mesh(cfg.mesh)
+    models = load_models(model_cfg, mesh=mesh)
     if student is None:
         train_cfg = _train_config(cfg, models, "opd")
         init = functools.partial(ts.init_train_state, config=train_cfg, rng=jax.random.key(0))
@@ -787,13 +827,14 @@ def evaluate_run(cfg: RunConfig, workdir: str, *, step: int | None = None,
     else:
         params, tag = models.params_s, os.path.basename(os.path.normpath(student))
         source = student
+    params, config_s = inference_student(params, models.config_s, mesh)
     ev = cfg.eval
     out: dict[str, Any] = {"source": source, "num_samples": ev.num_samples, "datasets": {}}
     with rewards.Grader(cfg.train.grader_workers) as grader, jax.set_mesh(mesh):
         for ds in cfg.eval.datasets:
             problems, answers = evaluation.load_eval_problems(ds)
             res = evaluation.evaluate_dataset(
-                ds.name, problems, answers, params=params, config=models.config_s,
+                ds.name, problems, answers, params=params, config=config_s,
                 tokenizer=models.tokenizer_s, eos=models.eos,
                 student_eos_id=models.student_eos_id, grader=grader,
                 rng=jax.random.key(seed), num_samples=ev.num_samples,

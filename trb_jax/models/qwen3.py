@@ -18,7 +18,8 @@ so the names under params["layers"] give the per-layer shape.
 Numerics mirror transformers' Qwen3 (modeling_qwen3.py) so that bf16 results match too:
 RMSNorm normalises in float32, casts back to the activation dtype, *then* multiplies the weight;
 RoPE's cos/sin are computed in float32 and cast to the activation dtype; attention scores and
-softmax are float32; logits are computed in the compute dtype and returned as float32.
+softmax are float32; logits come out of the LM-head dot in float32 (bf16 operands, float32
+accumulation and result: never rounded to bf16).
 
 Attention itself lives in `trb_jax.models.attention` (reference einsum, blockwise/flash, cuDNN,
 TPU splash), chosen by `Qwen3Config.attention`; this file only builds q, k, v and the masks'
@@ -320,11 +321,15 @@ def unembed(params: Params, config: Qwen3Config, x_btd: jax.Array) -> jax.Array:
     """Final RMSNorm and LM head; float32 logits [b, t, v]."""
     x_btd = rms_norm(x_btd, params["final_norm_d"], config.rms_norm_eps)
     dt = x_btd.dtype
+    # float32 straight out of the dot: bf16 logits would step by 0.125 nats at |logit| 16-32,
+    # which quantises the blend's r = log pi_T - log pi_S and the sampler's probabilities.
     if config.tie_word_embeddings:
-        logits_btv = jnp.einsum("btd,vd->btv", x_btd, params["embed_vd"].astype(dt))
+        logits_btv = jnp.einsum("btd,vd->btv", x_btd, params["embed_vd"].astype(dt),
+                                preferred_element_type=jnp.float32)
     else:
-        logits_btv = jnp.einsum("btd,dv->btv", x_btd, params["lm_head_dv"].astype(dt))
-    return constrain(logits_btv.astype(jnp.float32), ("batch", "length", "vocab"))
+        logits_btv = jnp.einsum("btd,dv->btv", x_btd, params["lm_head_dv"].astype(dt),
+                                preferred_element_type=jnp.float32)
+    return constrain(logits_btv, ("batch", "length", "vocab"))
 
 
 # ---------------------------------------------------------------------------------------------
