@@ -16,7 +16,7 @@ Everything is configs/opd.py's (optimizer and schedule, dtype policy, methods an
 knobs, the top-k loss, the data fields and system prompt, the teacher's template arguments,
 the mesh) except: the checkpoints and data (the world), and the shapes that make a run fit a
 CI machine (prompts per step, samples, response length, number of updates, checkpoint and
-evaluation cadence, eval samples). The real vocabulary (151,936 rows) and both EOS ids
+evaluation cadence, eval samples, gradient-accumulation micro-batch). The real vocabulary (151,936 rows) and both EOS ids
 (Base <|endoftext|> 151643, chat <|im_end|> 151645) come with the world.
 """
 
@@ -48,6 +48,7 @@ def get_config(arg: str | None = None):
     config.train.checkpoint_every = 1
     config.train.eval_every = 0
     config.train.chunk_size = 8
+    config.train.microbatch_rows = 2  # 2 micro-batches of the 4 rows: accumulation runs
     config.train.grader_workers = 1
     config.train.progress_bar = False
     config.method.sft_steps = 1
