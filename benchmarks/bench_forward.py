@@ -69,6 +69,15 @@ def torch_model(params, config: qwen3.Qwen3Config) -> torch.nn.Module:
     return model.eval()
 
 
+def time_calls(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
 def timed(fn) -> tuple[float, float]:
     """(wall seconds, process CPU seconds over all threads) of one call."""
     wall, cpu = time.perf_counter(), time.process_time()
