@@ -42,7 +42,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import platform
 import sys
 import time
 
@@ -50,26 +49,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench_blend import machine_info  # noqa: E402  (same folder: benchmarks/)
 from trb_jax.models import attention, qwen3
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 LENGTHS = (2048, 4096, 8192)
 IMPLS = ("xla", "blockwise")
-
-
-def machine_info() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "jax": jax.__version__,
-            "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()]}
 
 
 def small_config(layers: int, impl: str) -> qwen3.Qwen3Config:
