@@ -1,4 +1,4 @@
-"""Peak memory of the LM head + top-k reverse KL loss and its gradient: custom VJP vs remat vs naive.
+"""Peak memory of the LM head + top-k reverse KL loss and its gradient: custom VJP vs naive (and an older remat path).
 
     JAX_PLATFORMS=cpu python benchmarks/bench_loss_memory.py                      # memory table
     JAX_PLATFORMS=cpu python benchmarks/bench_loss_memory.py --impls vjp --merge  # some rows only
@@ -10,8 +10,9 @@ top-k reverse KL, differentiated w.r.t. x and W. Implementations:
   vjp    trb_jax.train_step.chunked_token_loss (what the train step runs): a no-gradient
          lax.map over T-chunks, then a custom VJP looping over (T-chunk, V-slice) logits tiles
          with dW written slice by slice into one loop-carried buffer;
-  remat  trb_jax.train_step.chunked_topk_kl: lax.map over T-chunks under jax.checkpoint
-         (the train step's loss before the custom VJP; called `chunked` in older results);
+  remat  (rows in older results only) the train step's loss before the custom VJP, a lax.map
+         over T-chunks under jax.checkpoint; that code path has been removed, its rows stay in
+         the results file for comparison;
   naive  materialises the [T, V] float32 logits.
 Each (impl, T) runs in a fresh subprocess, which reports XLA's own buffer accounting of the
 compiled program (arguments + outputs + temporaries) and, after one jitted value_and_grad call,
@@ -87,17 +88,10 @@ def worker(impl: str, t: int, d: int, v: int, k: int, chunk: int, vocab_chunk: i
     _reset_peak()
 
     def vjp(x_btd, w_dv):
-        per_bt, _ = train_step.chunked_token_loss(
-            train_step.LinearHead(w_dv), x_btd, jnp.zeros((1, t), jnp.int32), loss="opd",
+        per_bt, _, _ = train_step.chunked_token_loss(
+            train_step.LinearHead(w_dv), x_btd, jnp.zeros((1, t), jnp.int32),
             chunk_size=chunk, vocab_chunk_size=vocab_chunk, top_k=k,
-            topk_ids_btk=ids_btk, topk_teacher_logprob_btk=lp_btk,
-        )  # fmt: skip
-        return losses.masked_mean(per_bt, mask_bt)
-
-    def remat(x_btd, w_dv):
-        per_bt, _ = train_step.chunked_topk_kl(
-            lambda x: jnp.einsum("btd,dv->btv", x, w_dv), x_btd, chunk_size=chunk, top_k=k,
-            topk_ids_btk=ids_btk, topk_teacher_logprob_btk=lp_btk,
+            stored={"topk_ids_btk": ids_btk, "topk_teacher_logprob_btk": lp_btk},
         )  # fmt: skip
         return losses.masked_mean(per_bt, mask_bt)
 
@@ -106,7 +100,7 @@ def worker(impl: str, t: int, d: int, v: int, k: int, chunk: int, vocab_chunk: i
         log_s = jnp.take_along_axis(logp_btv, ids_btk, axis=-1)
         return losses.masked_mean(losses.topk_reverse_kl_from_log_probs(log_s, lp_btk), mask_bt)
 
-    fn = jax.jit(jax.value_and_grad({"vjp": vjp, "remat": remat, "naive": naive}[impl], argnums=(0, 1)))
+    fn = jax.jit(jax.value_and_grad({"vjp": vjp, "naive": naive}[impl], argnums=(0, 1)))
     compiled = fn.lower(x_btd, w_dv).compile()
     out_compiled_rss = _peak_rss_mb()[0]
     _reset_peak()
@@ -193,7 +187,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--vocab-chunk", type=int, default=8192)
-    ap.add_argument("--impls", default="vjp,remat,naive")
+    ap.add_argument("--impls", default="vjp,naive")
     ap.add_argument("--merge", action="store_true", help="keep the other rows of the existing JSON")
     ap.add_argument("--no-run", action="store_true", help="XLA buffer accounting only, no execution")
     ap.add_argument("--mode-timing", action="store_true")

@@ -2,7 +2,7 @@
 
     python experiments/topk_support.py [--seeds 5] [--method trb] [--final-samples 4]
 
-Runs configs/toy.py:method=M,seed=S with train.topk_support = renormalized and = tail_bucket
+Runs configs/toy.py:method=M,seed=S with objective.topk_support = renormalized and = tail_bucket
 for every seed, all in this process (shared compiled programs). Pairs share the seed, so the
 prompt order, the initial rollout keys and the models are the same; only the loss differs.
 Writes experiments/results/topk_support.json (per run: final pass@1, mean reward over the last
@@ -37,7 +37,7 @@ def summary(workdir: str) -> dict:
 
 
 def final_pass(workdir: str, method: str, seed: int, support: str, samples: int) -> float:
-    cd = common.toy_config(method, seed, {"train.topk_support": support})
+    cd = common.toy_config(method, seed, {"objective.topk_support": support})
     cd.eval.datasets.toy_test.max_examples = 500
     cd.eval.num_samples = samples
     cd.eval.batch_size = 256
@@ -64,7 +64,7 @@ def main() -> None:
     for seed in seeds:  # seed-major: complete pairs first
         for support in SUPPORTS:
             name = f"topk_support/{args.method}_{support}_seed{seed}"
-            common.run(name, args.method, seed, {"train.topk_support": support})
+            common.run(name, args.method, seed, {"objective.topk_support": support})
             runs[(support, seed)] = os.path.join(common.DEFAULT_OUT, name)
     results = {f"{sup}/seed{s}": summary(runs[(sup, s)]) for sup in SUPPORTS for s in seeds}
     metrics = ["final_pass@1", "reward_last25", "teacher_logprob_mean"]

@@ -116,8 +116,10 @@ class _nullcontext:
     ("eval.num_samples", 0, "eval.num_samples: must be >= 1, got 0"),
     ("train.eval_every", 5, "train.eval_every: periodic evaluation needs eval.datasets"),
     ("mesh.data", 0, "mesh.data: must be -1 or >= 1, got 0"),
-    ("train.topk_support", "tail", "train.topk_support: must be one of ('renormalized', "
-                                   "'tail_bucket', 'unrenormalized'), got 'tail'"),
+    ("objective.topk_support", "tail", "objective.topk_support: must be one of ('renormalized', "
+                                       "'tail_bucket', 'unrenormalized'), got 'tail'"),
+    ("objective.name", "kl", "objective.name: unknown objective 'kl'; choose one of"),
+    ("objective.trust_threshold", 1.5, "objective.trust_threshold: must be in (0, 1], got 1.5"),
     ("method.sft_checkpoints", (15, 0), "method.sft_checkpoints: every entry must be >= 1"),
     ("method.sft_lr", -1.0, "method.sft_lr: must be >= 0, got -1.0"),
 ])
@@ -146,7 +148,7 @@ def test_unknown_fields_are_errors_naming_the_field():
         with cd.unlocked():
             cd.lr = 1.0
     assert _error(top) == ("unknown config field 'lr'; known sections: ['data', 'eval', "
-                           "'mesh', 'method', 'model', 'optim', 'prepare', 'rollout', 'train']")
+                           "'mesh', 'method', 'model', 'objective', 'optim', 'prepare', 'rollout', 'train']")
 
     def eval_ds(cd):
         cd.eval.datasets.m = dict(source="x.jsonl", promt_field="q")

@@ -13,7 +13,8 @@ def _plans(name, steps, **kw):
 
 
 def test_vanilla_is_student_opd_every_step():
-    assert {(p.behavior, p.loss, p.warmup) for p in _plans("vanilla", 5)} == {("student", "opd", False)}
+    assert {(p.behavior, p.objective, p.warmup) for p in _plans("vanilla", 5)} == {("student", None, False)}
+    assert _plans("vanilla", 1)[0].objective_name("tropd") == "tropd"  # the run's objective
 
 
 def test_trb_eps_anneals_linearly_then_student():
@@ -47,7 +48,8 @@ def test_temperature_warmup_from_tau0_to_one():
 def test_sft_warmup_then_vanilla_and_run_length():
     cfg = M.MethodConfig(name="sft_warmup", sft_steps=3)
     plans = [M.plan_step(k, cfg) for k in range(5)]
-    assert [(p.behavior, p.loss) for p in plans] == [("teacher", "sft")] * 3 + [("student", "opd")] * 2
+    assert [(p.behavior, p.objective_name("tropd"), p.phase) for p in plans] == (
+        [("teacher", "sft", "sft")] * 3 + [("student", "tropd", "opd")] * 2)
     assert M.total_updates(cfg, 10) == 13
     assert M.total_updates(M.MethodConfig(name="trb"), 10) == 10
 
@@ -55,7 +57,7 @@ def test_sft_warmup_then_vanilla_and_run_length():
 def test_veto_alpha_anneals_from_beta_start_to_one():
     plans = _plans("veto", 6, beta_start=0.2, warmup_steps=4)
     assert [p.target_alpha for p in plans] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0])
-    assert [p.loss for p in plans] == ["veto"] * 4 + ["opd"] * 2
+    assert [p.objective_name("opd") for p in plans] == ["veto"] * 4 + ["opd"] * 2
     assert all(p.behavior == "student" for p in plans)
 
 
@@ -123,3 +125,11 @@ def test_opd_lr_does_not_depend_on_sft_steps():
         assert all(lr > 0 for lr in sft)
     cfg = _paper_run_config("sft_warmup")
     assert cfg.method.sft_checkpoints == (15, 25, 50) and cfg.method.sft_steps == 25
+
+
+def test_teacher_prefix_guides_every_rollout_with_the_imitation_term():
+    plans = _plans("teacher_prefix", 3, prefix_tokens=5)
+    assert {(p.behavior, p.prefix_tokens, p.imitate_prefix, p.objective) for p in plans} == {
+        ("teacher_prefix", 5, True, None)}
+    with pytest.raises(ValueError, match="method.prefix_tokens: must be >= 1"):
+        M.MethodConfig(name="teacher_prefix", prefix_tokens=0)

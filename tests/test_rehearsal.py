@@ -170,7 +170,7 @@ def test_rehearsal_every_method_through_the_paper_config(tmp_path):
         assert all(np.isfinite(r["loss"]) for r in records), method
         assert records[0]["learning_rate"] == pytest.approx(lr0, rel=1e-5), method
         if method == "sft_warmup":  # 1 SFT update, then OPD exactly on vanilla's schedule
-            assert [r["loss_kind"] for r in records] == ["sft", "opd", "opd"]
+            assert [r["objective"] for r in records] == ["sft", "opd", "opd"]
             assert [r["learning_rate"] for r in records[1:]] == pytest.approx(vanilla_lr)
             assert os.path.isfile(str(tmp_path / method / "sft" / "step_1" / "config.json"))
     assert _metrics(trb_dir)[0]["behavior"] == "trb"

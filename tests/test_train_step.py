@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from fake_devices import run_on_fake_devices
-from trb_jax import losses
+from trb_jax import losses, objectives
 from trb_jax import train_step as ts
 from trb_jax.blending import EosMap, merge_eos
 from trb_jax.models import qwen3
@@ -71,11 +71,20 @@ def make_batch(seed=0, b=B):
     )
 
 
-def config(chunk_size=3, eos=EOS, loss="opd", microbatch_rows=0, **optim):
+def config(chunk_size=3, eos=EOS, objective="opd", microbatch_rows=0, topk_support="renormalized",
+           **optim):
     optim = ts.OptimConfig(**{"peak_lr": 1e-2, "decay_steps": 100, **optim})
     return ts.TrainConfig(student=STUDENT, teacher=TEACHER, optim=optim, top_k=K,
-                          chunk_size=chunk_size, eos=eos, loss=loss,
+                          chunk_size=chunk_size, eos=eos,
+                          objective=objectives.ObjectiveConfig(name=objective, topk_support=topk_support),
                           microbatch_rows=microbatch_rows)  # fmt: skip
+
+
+def chunked_opd(head, x, chunk_size, tokens=None, **source):
+    """The chunked head's per-token OPD loss [B, T] (`chunked_token_loss` with the default
+    objective); source: stored={...} or teacher=LinearHead, teacher_x_btd=..."""
+    tokens = jnp.zeros(x.shape[:2], jnp.int32) if tokens is None else tokens
+    return ts.chunked_token_loss(head, x, tokens, chunk_size=chunk_size, top_k=K, eos=EOS, **source)[0]
 
 
 PARAMS_S = random_params(STUDENT, 1)
@@ -105,7 +114,7 @@ def reference_loss(params_s, batch, teacher_logits_bsv=None):
 
 def chunked_loss(params_s, batch, cfg):
     """The step's loss through the chunked path (teacher forward when the batch needs it)."""
-    needs_teacher = ts.LOSS_KINDS[cfg.loss].needs_teacher and not batch.uses_stored_teacher
+    needs_teacher = ts.step_needs_teacher(cfg, batch) and not batch.uses_stored_teacher
     tx = ts.teacher_response_hidden(PARAMS_T, cfg, batch) if needs_teacher else None
     return ts.loss_fn(params_s, batch, tx, PARAMS_T, cfg)[0]
 
@@ -188,9 +197,9 @@ def test_every_chunk_size_equals_unchunked_head_loss(mode):
         return losses.masked_mean(per, mask_bt)
 
     def chunked(head, x, chunk_size):
-        source = (dict(topk_ids_btk=ids, topk_teacher_logprob_btk=stored_lp) if mode == "stored" else
-                  dict(teacher_head=ts.qwen3_head(PARAMS_T, TEACHER), teacher_x_btd=xt_btd))  # fmt: skip
-        per, _ = ts.chunked_topk_kl(ts.qwen3_head(head, STUDENT), x, chunk_size=chunk_size, top_k=K, eos=EOS, **source)
+        source = (dict(stored=dict(topk_ids_btk=ids, topk_teacher_logprob_btk=stored_lp)) if mode == "stored" else
+                  dict(teacher=ts.lm_head(PARAMS_T, TEACHER), teacher_x_btd=xt_btd))  # fmt: skip
+        per = chunked_opd(ts.lm_head(head, STUDENT), x, chunk_size, **source)
         return losses.masked_mean(per, mask_bt)
 
     want, want_g = jax.value_and_grad(reference, argnums=(0, 1))(head_s, x_btd)
@@ -223,9 +232,8 @@ def test_shift_prediction_at_column_c_minus_1_scores_token_c():
         last_t = full_logits(PARAMS_T, TEACHER, ti, tm)[:, -1].reshape(B, T, V)
         want_bt = losses.topk_reverse_kl(last_s, last_t, k=K)
         x_btd = ts.response_hidden(ts.hidden_states(PARAMS_S, STUDENT, batch.input_ids_bs, batch.attention_mask_bs), T)
-        got_bt, _ = ts.chunked_topk_kl(
-            ts.qwen3_head(PARAMS_S, STUDENT), x_btd, chunk_size=4, top_k=K, eos=EOS,
-            teacher_head=ts.qwen3_head(PARAMS_T, TEACHER),
+        got_bt = chunked_opd(
+            ts.lm_head(PARAMS_S, STUDENT), x_btd, 4, teacher=ts.lm_head(PARAMS_T, TEACHER),
             teacher_x_btd=ts.teacher_response_hidden(PARAMS_T, config(4), batch),
         )  # fmt: skip
         return want_bt, got_bt
@@ -325,8 +333,9 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="chunk_size must be a positive"):
         config(0)
     with pytest.raises(ValueError, match="chunk_size must be a positive"):
-        ts.chunked_topk_kl(lambda x: x, jnp.zeros((1, 2, 4)), chunk_size=-1,
-                           topk_ids_btk=jnp.zeros((1, 2, 1), jnp.int32), topk_teacher_logprob_btk=jnp.zeros((1, 2, 1)))  # fmt: skip
+        chunked_opd(ts.lm_head(PARAMS_S, STUDENT), jnp.zeros((1, 2, 32)), -1,
+                    stored=dict(topk_ids_btk=jnp.zeros((1, 2, K), jnp.int32),
+                                topk_teacher_logprob_btk=jnp.zeros((1, 2, K))))  # fmt: skip
     with pytest.raises(ValueError, match="share the vocabulary"):
         ts.TrainConfig(student=STUDENT, teacher=TEACHER.__class__(**{**TEACHER.__dict__, "vocab_size": 64}))
     batch, cfg = make_batch(6), config(3)
@@ -340,7 +349,7 @@ def test_bad_inputs_raise_clear_errors():
         step(state, batch.replace(response_mask_bt=jnp.ones((B, P + T), bool)), PARAMS_T)
     with pytest.raises(ValueError, match="exactly one of the two"):
         step(state, stored_batch(batch).replace(teacher_input_ids_bs=batch.teacher_input_ids_bs), PARAMS_T)
-    with pytest.raises(ValueError, match=r"topk_ids_btk must have shape \[B, T, top_k\]"):
+    with pytest.raises(ValueError, match=r"stored mode needs Batch.topk_ids_btk of shape \(4, 7, 16\)"):
         sb = stored_batch(batch)
         step(state, sb.replace(topk_ids_btk=sb.topk_ids_btk[..., :4]))
     with pytest.raises(ValueError, match="teacher mode needs config.teacher and teacher_params"):
@@ -381,23 +390,16 @@ def test_custom_vjp_head_equals_remat_path_and_full_logits(tied):
             per = losses.topk_reverse_kl(merge_eos(head(x), EOS), merge_eos(teacher(xt_btd), EOS), k=K)
         return losses.masked_mean(per, mask_bt)
 
-    def remat(head, x, mode):  # the lax.map + jax.checkpoint path (before the custom VJP)
-        src = (dict(topk_ids_btk=ids, topk_teacher_logprob_btk=stored_lp) if mode == "stored" else
-               dict(teacher_head=teacher, teacher_x_btd=xt_btd))  # fmt: skip
-        return losses.masked_mean(ts.chunked_topk_kl(head, x, chunk_size=4, top_k=K, eos=EOS, **src)[0], mask_bt)
-
     def vjp(head, x, mode, vocab_chunk):
-        src = (dict(topk_ids_btk=ids, topk_teacher_logprob_btk=stored_lp) if mode == "stored" else
+        src = (dict(stored=dict(topk_ids_btk=ids, topk_teacher_logprob_btk=stored_lp)) if mode == "stored" else
                dict(teacher=teacher, teacher_x_btd=xt_btd))  # fmt: skip
-        per, _ = ts.chunked_token_loss(head, x, tokens, chunk_size=4, vocab_chunk_size=vocab_chunk,
-                                       top_k=K, eos=EOS, **src)  # fmt: skip
+        per, _, _ = ts.chunked_token_loss(head, x, tokens, chunk_size=4, vocab_chunk_size=vocab_chunk,
+                                          top_k=K, eos=EOS, **src)  # fmt: skip
         return losses.masked_mean(per, mask_bt)
 
     for mode in ("stored", "teacher"):
         want, want_g = jax.jit(jax.value_and_grad(reference, argnums=(0, 1)), static_argnums=2)(head, x_btd, mode)
         refs = [(want, want_g)]
-        if mode == "stored":  # the remat path equals the full-logits one in both modes (test above)
-            refs.append(jax.jit(jax.value_and_grad(remat, argnums=(0, 1)), static_argnums=2)(head, x_btd, mode))
         assert float(want) > 0.05
         for vocab_chunk in ((48,) if tied else (48, 128)):
             got, got_g = jax.jit(jax.value_and_grad(vjp, argnums=(0, 1)), static_argnums=(2, 3))(head, x_btd, mode, vocab_chunk)
@@ -452,10 +454,11 @@ def test_veto_loss_bridge_alpha_one_is_opd_zero_is_zero_and_float64_reference():
     tokens, mask = jnp.zeros((3, 11), jnp.int32), np.asarray(mask_bt, np.float64)
 
     def loss(head, x, alpha, kind, stored):
-        src = (dict(topk_ids_btk=jnp.asarray(ids), topk_teacher_logprob_btk=stored_lp) if stored else
+        src = (dict(stored=dict(topk_ids_btk=jnp.asarray(ids), topk_teacher_logprob_btk=stored_lp)) if stored else
                dict(teacher=teacher, teacher_x_btd=xt_btd))  # fmt: skip
-        per, _ = ts.chunked_token_loss(head, x, tokens, loss=kind, chunk_size=4, vocab_chunk_size=48,
-                                       top_k=K, eos=EOS, target_alpha=alpha, **src)  # fmt: skip
+        per, _, _ = ts.chunked_token_loss(head, x, tokens, objective=objectives.ObjectiveConfig(name=kind),
+                                          chunk_size=4, vocab_chunk_size=48, top_k=K, eos=EOS,
+                                          target_alpha=alpha, **src)  # fmt: skip
         return losses.masked_mean(per, mask_bt)
 
     loss = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=(3, 4))
@@ -476,7 +479,7 @@ def test_veto_loss_bridge_alpha_one_is_opd_zero_is_zero_and_float64_reference():
 
 
 def test_veto_alpha_is_traced_and_required():
-    cfg = config(3, loss="veto")
+    cfg = config(3, objective="veto")
     stored = stored_batch(make_batch(11))
     step = ts.jit_train_step(cfg)
     state = fresh_state(cfg)
@@ -488,8 +491,8 @@ def test_veto_alpha_is_traced_and_required():
         step(state, stored)
     with pytest.raises(ValueError, match="needs Batch.target_alpha"):
         step(state, stored.replace(target_alpha=jnp.ones((2,), jnp.float32)))
-    with pytest.raises(ValueError, match="loss must be one of"):
-        config(3, loss="kl")
+    with pytest.raises(ValueError, match="unknown objective 'kl'"):
+        config(3, objective="kl")
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     sh = ts.batch_shardings(mesh, stored.replace(target_alpha=jnp.float32(0.5)))
     assert sh.target_alpha.spec == jax.sharding.PartitionSpec()
@@ -502,7 +505,7 @@ def test_sft_loss_equals_float64_nll_and_needs_no_teacher():
     counted = ids[:, -T:][np.asarray(batch.response_mask_bt)]
     assert (counted == 7).any() and (counted == 3).any()  # both a native and a foreign EOS count
     batch = batch.replace(input_ids_bs=jnp.asarray(ids))
-    cfg = config(3, loss="sft")
+    cfg = config(3, objective="sft")
     sft = ts.Batch(input_ids_bs=batch.input_ids_bs, attention_mask_bs=batch.attention_mask_bs,
                    response_mask_bt=batch.response_mask_bt)  # fmt: skip
     got, got_g = jax.jit(jax.value_and_grad(chunked_loss), static_argnums=2)(PARAMS_S, sft, cfg)
@@ -660,12 +663,11 @@ def test_sharded_step_equals_one_device_step_on_8_cpu_devices():
 
 
 def test_tail_bucket_support_in_both_modes_equals_full_logits_reference():
-    """train.topk_support="tail_bucket": the stored teacher log-probs (normalised over the whole
+    """objective.topk_support="tail_bucket": the stored teacher log-probs (normalised over the whole
     vocabulary) hold everything the tail needs, so both modes give the reference loss and grads."""
-    import dataclasses
 
     batch = make_batch(0)
-    cfg = dataclasses.replace(config(3), topk_support="tail_bucket")
+    cfg = config(3, topk_support="tail_bucket")
 
     def reference(params_s):
         s, st = batch.input_ids_bs.shape[1], batch.teacher_input_ids_bs.shape[1]

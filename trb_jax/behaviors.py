@@ -234,3 +234,5 @@ BEHAVIORS: dict[str, BehaviorFn] = {
 NEEDS_TEACHER: frozenset[str] = frozenset({"trb", "fixed_eps", "skd", "teacher"})
 # Behaviors that run the trust-region solve and take the static `solver` option.
 BLEND_BEHAVIORS: frozenset[str] = frozenset({"trb", "fixed_eps"})
+# Behaviors that may replace the student's proposal (they record skd_replaced_bt).
+REPLACING_BEHAVIORS: frozenset[str] = frozenset({"skd"})

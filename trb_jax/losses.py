@@ -1,27 +1,29 @@
-"""Per-token distillation losses over student/teacher log-probabilities.
+"""Per-token distillation divergences over student/teacher log-probabilities.
 
-Every loss is a small pure function returning a per-token value with the leading shape of its
-inputs ([B, T] for a rollout batch); `masked_mean` reduces over response tokens. Teacher inputs
-go through `stop_gradient`, so gradients reach only the student. -inf logits (masked
-vocabularies) are handled without forming 0 * (-inf).
+The primitives the objectives (trb_jax/objectives) are built from. Every function returns a
+per-token value with the leading shape of its inputs ([B, T] for a rollout batch);
+`masked_mean` reduces over response tokens. Teacher inputs go through `stop_gradient`, so
+gradients reach only the student. -inf log-probs (masked vocabularies) are handled without
+forming 0 * (-inf).
 
-The OPD loss of the paper is `topk_reverse_kl`: KL(pi_theta || pi_T) on the student's top-k
-support (k = 16). The configs use `renormalize=True` (the default): both distributions are
-renormalised over the k tokens, which gives a proper divergence (>= 0, zero iff the two agree on
-the support) whose gradient does not depend on how much student mass lies outside the k tokens.
-`renormalize=False` is the partial sum sum_{a in top-k} p_S(a) log(p_S(a)/p_T(a)) with
-full-vocabulary probabilities, as some OPD codebases compute it; it can be negative.
+The OPD loss of the paper is KL(pi_S || pi_T) on the student's top-k support (k = 16):
+`topk_reverse_kl_from_log_probs` (from the log-probs at the k ids, what the train step has) or
+`topk_reverse_kl` (from logits). TrOPD's outlier term is KL(pi_T || pi_S) on the teacher's
+top-k: `topk_forward_kl_from_log_probs`.
 
 `TOPK_SUPPORTS` names the three treatments of the mass outside the k tokens (`support=`):
 
-  renormalized    both distributions renormalised over the k tokens (= renormalize=True). Blind
-                  where the teacher puts little mass on the student's top-k: a teacher with 0.1%
-                  of its mass there, shaped like the student, gives loss 0 and gradient 0.
+  renormalized    both distributions renormalised over the k tokens: a proper divergence (>= 0,
+                  zero iff the two agree on the support) whose gradient ignores the mass
+                  outside. Blind where the other model puts little mass on the k ids: a teacher
+                  with 0.1% of its mass on the student's top-k, shaped like the student, gives
+                  loss 0 and gradient 0.
   tail_bucket     the k tokens plus one extra outcome holding each model's mass outside them
                   (1 - its mass on the k ids). The KL of this coarse-grained pair is a lower
                   bound on the full-vocabulary KL (log-sum inequality), >= 0, and sees the
                   blind spot (6.9 nats in the example above).
-  unrenormalized  the partial sum with full-vocabulary probabilities (= renormalize=False).
+  unrenormalized  the partial sum over the k ids with full-vocabulary probabilities, as some
+                  OPD codebases compute it; it can be negative.
 
 All three need only the two models' full-vocabulary log-probs at the k ids, so they work on the
 rollout's stored teacher scores as well as on a teacher forward.
@@ -39,13 +41,8 @@ __all__ = [
     "topk_support",
     "topk_reverse_kl",
     "topk_reverse_kl_from_log_probs",
-    "reverse_kl",
-    "forward_kl",
-    "topk_forward_kl",
-    "k1_estimate",
-    "k1_policy_gradient_loss",
+    "topk_forward_kl_from_log_probs",
     "masked_mean",
-    "masked_sequence_mean",
 ]
 
 DEFAULT_TOP_K = 16
@@ -82,11 +79,9 @@ def topk_support(logits: jax.Array, k: int = DEFAULT_TOP_K) -> jax.Array:
     return ids
 
 
-def resolve_support(renormalize: bool, support: str | None) -> str:
-    name = support if support is not None else ("renormalized" if renormalize else "unrenormalized")
-    if name not in TOPK_SUPPORTS:
-        raise ValueError(f"support must be one of {TOPK_SUPPORTS}, got {name!r}")
-    return name
+def _check_support(support: str) -> None:
+    if support not in TOPK_SUPPORTS:
+        raise ValueError(f"support must be one of {TOPK_SUPPORTS}, got {support!r}")
 
 
 def _with_tail(log_p_k: jax.Array) -> jax.Array:
@@ -96,27 +91,41 @@ def _with_tail(log_p_k: jax.Array) -> jax.Array:
     return jnp.concatenate([log_p_k, log_tail], axis=-1)
 
 
-def topk_reverse_kl_from_log_probs(
-    student_log_probs_k: jax.Array,
-    teacher_log_probs_k: jax.Array,
-    *,
-    renormalize: bool = True,
-    support: str | None = None,
-) -> jax.Array:
-    """Reverse KL on a fixed support from full-vocabulary log-probs at those ids ([..., k] -> [...]).
+def _topk_kl(log_p_k: jax.Array, log_q_k: jax.Array, support: str) -> jax.Array:
+    """KL(p || q) on k ids from full-vocabulary log-probs there, by `support`."""
+    _check_support(support)
+    if support == "renormalized":
+        return kl_from_log_probs(_renormalise(log_p_k), _renormalise(log_q_k))
+    if support == "tail_bucket":
+        return kl_from_log_probs(_with_tail(log_p_k), _with_tail(log_q_k))
+    return kl_from_log_probs(log_p_k, log_q_k)
 
-    support: one of TOPK_SUPPORTS (None: "renormalized" if renormalize else "unrenormalized").
-    This is the form the trainer uses with the rollout's stored top-k ids: the student's
-    log-probs are recomputed with gradient, the teacher's come from the rollout.
+
+def topk_reverse_kl_from_log_probs(
+    student_log_probs_k: jax.Array, teacher_log_probs_k: jax.Array, *,
+    support: str = "renormalized",
+) -> jax.Array:  # fmt: skip
+    """KL(pi_S || pi_T) on a fixed support from full-vocabulary log-probs at its ids
+    ([..., k] -> [...]); support: one of TOPK_SUPPORTS. The teacher's side gets no gradient.
+
+    This is the form the train step uses (the ids are the student's top-k: the rollout's, or
+    chosen per chunk from the student's logits).
     """
-    name = resolve_support(renormalize, support)
     log_s = student_log_probs_k.astype(jnp.float32)
     log_t = jax.lax.stop_gradient(teacher_log_probs_k.astype(jnp.float32))
-    if name == "renormalized":
-        return kl_from_log_probs(_renormalise(log_s), _renormalise(log_t))
-    if name == "tail_bucket":
-        return kl_from_log_probs(_with_tail(log_s), _with_tail(log_t))
-    return kl_from_log_probs(log_s, log_t)
+    return _topk_kl(log_s, log_t, support)
+
+
+def topk_forward_kl_from_log_probs(
+    student_log_probs_k: jax.Array, teacher_log_probs_k: jax.Array, *,
+    support: str = "renormalized",
+) -> jax.Array:  # fmt: skip
+    """KL(pi_T || pi_S) on a fixed support (TrOPD uses the teacher's top-k ids) from
+    full-vocabulary log-probs at its ids ([..., k] -> [...]); the teacher's side gets no
+    gradient. "unrenormalized" is the partial sum sum_k p_T (log p_T - log p_S)."""
+    log_s = student_log_probs_k.astype(jnp.float32)
+    log_t = jax.lax.stop_gradient(teacher_log_probs_k.astype(jnp.float32))
+    return _topk_kl(log_t, log_s, support)
 
 
 def topk_reverse_kl(
@@ -124,70 +133,14 @@ def topk_reverse_kl(
     teacher_logits: jax.Array,
     *,
     k: int = DEFAULT_TOP_K,
-    renormalize: bool = True,
-    support: str | None = None,
+    support: str = "renormalized",
 ) -> jax.Array:
-    """KL(pi_theta || pi_T) on the student's top-k support, per token ([..., V] -> [...]).
-
-    support: how the mass outside the k tokens counts (TOPK_SUPPORTS; None: from renormalize).
-    """
+    """KL(pi_S || pi_T) on the student's top-k support, per token ([..., V] -> [...]), from
+    logits; support: how the mass outside the k tokens counts (TOPK_SUPPORTS)."""
     ids = topk_support(student_logits, k)
     log_s = jnp.take_along_axis(_log_softmax32(student_logits), ids, axis=-1)
     log_t = jnp.take_along_axis(_log_softmax32(teacher_logits), ids, axis=-1)
-    return topk_reverse_kl_from_log_probs(log_s, log_t, renormalize=renormalize, support=support)
-
-
-def reverse_kl(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
-    """Full-vocabulary KL(pi_theta || pi_T) per token ([..., V] -> [...])."""
-    return kl_from_log_probs(
-        _log_softmax32(student_logits),
-        jax.lax.stop_gradient(_log_softmax32(teacher_logits)),
-    )
-
-
-def forward_kl(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
-    """Full-vocabulary KL(pi_T || pi_theta) per token ([..., V] -> [...])."""
-    return kl_from_log_probs(
-        jax.lax.stop_gradient(_log_softmax32(teacher_logits)),
-        _log_softmax32(student_logits),
-    )
-
-
-def topk_forward_kl(
-    student_logits: jax.Array,
-    teacher_logits: jax.Array,
-    *,
-    k: int = DEFAULT_TOP_K,
-    renormalize: bool = True,
-) -> jax.Array:
-    """KL(pi_T || pi_theta) on the teacher's top-k support, per token ([..., V] -> [...])."""
-    ids = topk_support(teacher_logits, k)
-    log_s = jnp.take_along_axis(_log_softmax32(student_logits), ids, axis=-1)
-    log_t = jax.lax.stop_gradient(
-        jnp.take_along_axis(_log_softmax32(teacher_logits), ids, axis=-1)
-    )
-    if renormalize:
-        return kl_from_log_probs(_renormalise(log_t), _renormalise(log_s))
-    return kl_from_log_probs(log_t, log_s)
-
-
-def k1_estimate(student_log_prob: jax.Array, teacher_log_prob: jax.Array) -> jax.Array:
-    """K1 single-sample reverse-KL estimate log pi_theta(a) - log pi_T(a) at the sampled token a.
-
-    Unbiased for KL(pi_theta || pi_T) when a ~ pi_theta. Its value is for logging; train with
-    `k1_policy_gradient_loss`, whose gradient is the estimator's.
-    """
-    return student_log_prob - jax.lax.stop_gradient(teacher_log_prob)
-
-
-def k1_policy_gradient_loss(student_log_prob: jax.Array, teacher_log_prob: jax.Array) -> jax.Array:
-    """Surrogate sg(log pi_theta(a) - log pi_T(a)) * log pi_theta(a), per token.
-
-    With a ~ pi_theta its gradient is unbiased for grad KL(pi_theta || pi_T) at that prefix
-    (the score-function form; differentiating k1_estimate directly would average to zero).
-    """
-    advantage = jax.lax.stop_gradient(student_log_prob - teacher_log_prob)
-    return advantage * student_log_prob
+    return topk_reverse_kl_from_log_probs(log_s, log_t, support=support)
 
 
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -197,15 +150,3 @@ def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     m = mask.astype(jnp.float32)
     total = jnp.sum(jnp.where(m > 0, x.astype(jnp.float32), 0.0) * m)
     return total / jnp.maximum(jnp.sum(m), 1.0)
-
-
-def masked_sequence_mean(x_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
-    """Mean over sequences of each sequence's token mean (rows with an empty mask count 0)."""
-    if x_bt.shape != mask_bt.shape or x_bt.ndim != 2:
-        raise ValueError(
-            f"x_bt and mask_bt must both be [B, T], got {x_bt.shape} and {mask_bt.shape}"
-        )
-    m = mask_bt.astype(jnp.float32)
-    per_seq = jnp.sum(jnp.where(m > 0, x_bt.astype(jnp.float32), 0.0) * m, axis=-1)
-    per_seq = per_seq / jnp.maximum(jnp.sum(m, axis=-1), 1.0)
-    return jnp.mean(per_seq)

@@ -1,10 +1,14 @@
-"""Warmup methods: what each training step's rollout and loss are, chosen by a table.
+"""Methods: what each update's rollout behavior is, by a table over the update index.
 
 A method is a small pure function `plan(step, method) -> StepPlan` over the *update index*
 (0-based, counting every optimizer update of the run). `METHODS` maps the config's
 `method.name` to it. The trainer only reads the plan; it never branches on the method name.
+The method is one axis, the objective (trb_jax.objectives, `objective.name`) the other: a plan
+names an objective only where the method replaces the run's for a phase (sft_warmup's
+supervised updates, veto's bridge during its warmup); otherwise the run's objective applies.
+This module holds the one implementation of the eps and tau schedules.
 
-  vanilla      student rollouts, OPD loss (top-k reverse KL), every step.
+  vanilla      student rollouts, every step.
   trb          TRB warmup: rollouts from mu* with eps_k = eps0 (1 - k/K) for k < K, then pure
                student (the teacher only scores). The paper's method.
   fixed_eps    the same blend with a constant eps0 for the whole run (the teacher decodes with
@@ -18,9 +22,12 @@ A method is a small pure function `plan(step, method) -> StepPlan` over the *upd
                warmup length); the student is saved at each of `sft_checkpoints` reached; then
                ordinary OPD from the state after `sft_steps` with a fresh optimizer and exactly
                vanilla's schedule. A run lasts sft_steps + num_steps updates.
-  veto         student rollouts; the loss target at each visited prefix is the bridge
-               q_alpha ∝ sg(pi_S)^(1-alpha) pi_T^alpha with alpha_k = beta_start + (1 - beta_start)
-               k/K for k < K, then 1 (= vanilla OPD).
+  veto         student rollouts; for k < K the objective is the veto bridge (its target at each
+               visited prefix is q_alpha ∝ sg(pi_S)^(1-alpha) pi_T^alpha with alpha_k =
+               beta_start + (1 - beta_start) k/K), then the run's objective.
+  teacher_prefix  off-policy guidance (TrOPD): every rollout's first `prefix_tokens` response
+               tokens are sampled from the teacher, the rest from the student; the prefix
+               tokens get only the forward-KL imitation term (objective.prefix_fkl_weight).
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ class MethodConfig:
     sft_lr: peak learning rate of the SFT phase (0: optim.peak_lr); linear warmup over
       optim.warmup_steps, then constant.
     beta_start: initial bridge coefficient of veto, in [0, 1].
+    prefix_tokens: length l of the teacher prefix of teacher_prefix, >= 1.
     """
 
     name: str = "trb"
@@ -64,6 +72,7 @@ class MethodConfig:
     sft_checkpoints: tuple[int, ...] = (15, 25, 50)
     sft_lr: float = 0.0
     beta_start: float = 0.5
+    prefix_tokens: int = 8
 
     def __post_init__(self):
         object.__setattr__(self, "sft_checkpoints", tuple(int(n) for n in self.sft_checkpoints))
@@ -89,6 +98,8 @@ class MethodConfig:
             raise ValueError(f"method.sft_lr: must be >= 0, got {self.sft_lr}")
         if not 0.0 <= self.beta_start <= 1.0:
             raise ValueError(f"method.beta_start: must be in [0, 1], got {self.beta_start}")
+        if self.prefix_tokens < 1:
+            raise ValueError(f"method.prefix_tokens: must be >= 1, got {self.prefix_tokens}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,20 +108,31 @@ class StepPlan:
 
     behavior: the rollout behavior (a key of trb_jax.behaviors.BEHAVIORS); already reduced by
       `select_program` (an eps-0 blend is the student program).
-    loss: the train step's loss kind ("opd", "sft" or "veto").
-    eps / tau / skd_k / skd_tau_t: rollout knobs (see trb_jax.behaviors.Knobs).
-    target_alpha: the veto bridge coefficient (1.0 for other losses).
-    warmup: True while the method still differs from vanilla OPD at this step.
+    objective: the objective of this update when the method replaces the run's (an
+      objectives registry name: "sft", "veto"); None: the run's `objective.name`.
+    eps / tau / skd_k / skd_tau_t / prefix_tokens: rollout knobs (see behaviors.Knobs).
+    target_alpha: the traced coefficient of objectives that read one (veto's bridge; 1.0).
+    imitate_prefix: the teacher-sampled prefix tokens get the imitation term, not the objective.
+    phase: the optimizer phase ("opd", or "sft" for sft_warmup's supervised updates; see
+      `optimizer_phase`).
+    warmup: True while the method still differs from vanilla at this step.
     """
 
     behavior: str
-    loss: str = "opd"
+    objective: str | None = None
     eps: float = 0.0
     tau: float = 1.0
     skd_k: int = 15
     skd_tau_t: float = 0.2
     target_alpha: float = 1.0
+    prefix_tokens: int = 0
+    imitate_prefix: bool = False
+    phase: str = "opd"
     warmup: bool = False
+
+    def objective_name(self, run_objective: str) -> str:
+        """The objective this update trains with, given the run's."""
+        return self.objective or run_objective
 
 
 def _fraction(step: int, horizon: int) -> float:
@@ -146,14 +168,19 @@ def _temperature(step: int, m: MethodConfig) -> StepPlan:
 def _sft_warmup(step: int, m: MethodConfig) -> StepPlan:
     if step >= m.sft_steps:
         return StepPlan(behavior="student")
-    return StepPlan(behavior="teacher", loss="sft", warmup=True)
+    return StepPlan(behavior="teacher", objective="sft", phase="sft", warmup=True)
 
 
 def _veto(step: int, m: MethodConfig) -> StepPlan:
     if step >= m.warmup_steps:
         return StepPlan(behavior="student")
     alpha = m.beta_start + (1.0 - m.beta_start) * _fraction(step, m.warmup_steps)
-    return StepPlan(behavior="student", loss="veto", target_alpha=alpha, warmup=True)
+    return StepPlan(behavior="student", objective="veto", target_alpha=alpha, warmup=True)
+
+
+def _teacher_prefix(step: int, m: MethodConfig) -> StepPlan:
+    return StepPlan(behavior="teacher_prefix", prefix_tokens=m.prefix_tokens, imitate_prefix=True,
+                    warmup=True)
 
 
 METHODS: dict[str, Callable[[int, MethodConfig], StepPlan]] = {
@@ -164,6 +191,7 @@ METHODS: dict[str, Callable[[int, MethodConfig], StepPlan]] = {
     "temperature": _temperature,
     "sft_warmup": _sft_warmup,
     "veto": _veto,
+    "teacher_prefix": _teacher_prefix,
 }
 
 

@@ -1,12 +1,16 @@
-"""The OPD train step: student forward chunked over the response, top-k reverse KL, AdamW.
+"""The train step: student forward chunked over the response, a per-token objective, AdamW.
 
 `train_step(state, batch, teacher_params=None, *, config) -> (state, metrics)` is pure and jits
-once per (config, shapes, mode). Two modes, chosen by what the batch carries:
+once per (config, shapes, mode). The objective (`config.objective`, trb_jax.objectives) declares
+the supports it reads (the student's top-k ids, the teacher's top-k ids, the sampled token) and
+whether it needs the teacher; the step computes exactly those and knows no objective by name.
+Two teacher modes, chosen by what the batch carries:
 
-* stored (TRB warmup; the teacher ran inside the rollout): `batch.topk_ids_btk` and
-  `batch.topk_teacher_logprob_btk` are the rollout's, so no teacher forward runs here;
-* teacher (after warmup): the teacher scores the batch in one batched forward, outside the
-  gradient, at the student's top-k ids (chosen per chunk from the student logits).
+* stored (the teacher ran inside the rollout: TRB warmup and other blended behaviors): the
+  rollout's teacher scores at each declared support (`STORED_FIELDS`), so no teacher forward
+  runs here;
+* teacher (pure student rollouts): the teacher scores the batch in one batched forward, outside
+  the gradient; top-k ids are chosen per chunk from the logits.
 
 Layout (every row): `[left-padded prompt | response window of T columns]`. The response window
 is the rollout's T = max_new_tokens columns, so response token j sits at column P + j of the
@@ -16,10 +20,8 @@ column c - 1, so both models' predictions for response token j are their hidden 
 P - 1 + j and P' - 1 + j: the alignment needs only the widths, no per-row offsets. `_bt`
 names below are response-window aligned [B, T]; full sequences are `_bs` [B, S = P + T].
 
-Loss kinds (`TrainConfig.loss`, the `LOSS_KINDS` table): "opd" (top-k reverse KL to the
-teacher), "veto" (top-k reverse KL to the bridge q_alpha ∝ sg(pi_S)^(1-alpha) pi_T^alpha, alpha
-traced in `Batch.target_alpha`), "sft" (NLL of the response tokens; no teacher). Each is a small
-per-token function of the student's log-probs at a support, the teacher's there and alpha.
+Teacher-prefix tokens (`Batch.prefix_mask_bt`, off-policy guidance) get a forward-KL imitation
+term on the teacher's top-k instead of the objective.
 
 Memory: logits exist one [B, chunk, V] chunk at a time. Hidden states [B, T, D] are computed
 once per model. `score_response` maps over T-chunks without gradient (unembed -> EOS merge ->
@@ -43,7 +45,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from trb_jax import losses, sharding
+from trb_jax import losses, objectives, sharding
 from trb_jax.blending import EosMap, merge_eos
 from trb_jax.models import qwen3
 
@@ -74,14 +76,12 @@ class TrainConfig:
     """Static settings of the step (hashable: the jit static argument).
 
     teacher: the teacher's architecture; only the teacher mode needs it.
+    objective: the per-token objective and its knobs (trb_jax.objectives; "opd" by default);
+      the step computes the supports it declares and nothing else.
     chunk_size: response positions per logits chunk (the last chunk is padded and masked).
     eos: the rollout's EosMap; both models' logits are EOS-merged before the log-softmax, as
       the rollout did when it recorded the top-k ids and teacher log-probs. None: no merge.
     remat_layers: checkpoint each decoder layer of the student forward (long sequences).
-    loss: a key of `LOSS_KINDS`: "opd" (default), "veto" (needs `Batch.target_alpha`), "sft".
-    topk_support: how the OPD loss counts the mass outside the top-k ids (losses.TOPK_SUPPORTS:
-      "renormalized", "tail_bucket", "unrenormalized"); renormalize=False is the older spelling
-      of "unrenormalized". Veto always renormalises.
     vocab_chunk_size: vocabulary columns per tile of the LM head's backward pass.
     microbatch_rows: rows per micro-batch (0: the whole batch at once). One update over B rows
       runs B / microbatch_rows forward+backward passes in a `lax.scan` (the teacher forward
@@ -99,27 +99,21 @@ class TrainConfig:
     optim: OptimConfig = OptimConfig()
     top_k: int = losses.DEFAULT_TOP_K
     chunk_size: int = 256
-    renormalize: bool = True
     eos: EosMap | None = None
     remat_layers: bool = False
-    loss: str = "opd"
+    objective: objectives.ObjectiveConfig = objectives.ObjectiveConfig()
     vocab_chunk_size: int = 8192
     microbatch_rows: int = 0
-    topk_support: str = "renormalized"
 
     @property
-    def support(self) -> str:
-        """The effective top-k support treatment (see `topk_support`)."""
-        return self.topk_support if self.renormalize else "unrenormalized"
+    def objective_spec(self) -> objectives.Objective:
+        """The declaration of `objective.name` (its supports and needs)."""
+        return objectives.get(self.objective.name)
 
     def __post_init__(self):
-        if self.loss not in LOSS_KINDS:
-            raise ValueError(f"loss must be one of {sorted(LOSS_KINDS)}, got {self.loss!r}")
-        if self.topk_support not in losses.TOPK_SUPPORTS:
-            raise ValueError(f"topk_support must be one of {losses.TOPK_SUPPORTS}, got "
-                             f"{self.topk_support!r}")
-        if self.loss == "veto" and not self.renormalize:
-            raise ValueError("loss='veto' renormalises over the top-k support: needs renormalize=True")
+        if not isinstance(self.objective, objectives.ObjectiveConfig):
+            raise ValueError(f"objective must be an objectives.ObjectiveConfig, got "
+                             f"{type(self.objective).__name__}")
         if self.vocab_chunk_size <= 0:
             raise ValueError(f"vocab_chunk_size must be positive, got {self.vocab_chunk_size}")
         if self.chunk_size <= 0:
@@ -145,6 +139,14 @@ class TrainState:
     rng: jax.Array  # a typed PRNG key; advanced once per step
 
 
+# Stored mode: the Batch fields that carry the rollout's teacher scores for each support.
+STORED_FIELDS = {
+    "student_topk": ("topk_ids_btk", "topk_teacher_logprob_btk"),
+    "teacher_topk": ("teacher_topk_ids_btk", "teacher_topk_logprob_btk"),
+    "sampled": ("sampled_teacher_logprob_bt",),
+}
+
+
 @flax.struct.dataclass
 class Batch:
     """One training batch (see the module docstring for the layout).
@@ -152,12 +154,19 @@ class Batch:
     input_ids_bs / attention_mask_bs: the student's [prompt | response] ids and mask [B, S].
     response_mask_bt: [B, T] bool, response tokens whose prediction counts (the rollout's
       response_mask_bt); T is the response window, the last T columns of input_ids_bs.
-    topk_ids_btk / topk_teacher_logprob_btk: [B, T, k] the rollout's student top-k ids and the
-      teacher's log-probs there (stored mode).
+    Stored mode (the teacher ran in the rollout), the fields of the supports the objective
+      declares (`STORED_FIELDS`):
+      topk_ids_btk / topk_teacher_logprob_btk: [B, T, k] the student's top-k ids and the
+        teacher's log-probs there;
+      teacher_topk_ids_btk / teacher_topk_logprob_btk: [B, T, k] the teacher's top-k ids and
+        its log-probs there;
+      sampled_teacher_logprob_bt: [B, T] the teacher's log-prob of each response token.
     teacher_input_ids_bs / teacher_attention_mask_bs: [B, S'] the teacher's own
       [prompt | same response] sequence (teacher mode); its last T columns are the response.
-    target_alpha: float32 [] the Veto bridge coefficient (loss="veto" only; traced, so an
-      annealed alpha does not recompile). Ignored by the other losses.
+    target_alpha: float32 [] the coefficient of objectives that declare needs_alpha (veto's
+      bridge; traced, so an annealed alpha does not recompile). Ignored by the others.
+    prefix_mask_bt: [B, T] bool, response tokens the teacher generated (off-policy guidance):
+      they get only the forward-KL imitation term (objective.prefix_fkl_weight); None: none.
     """
 
     input_ids_bs: jax.Array
@@ -168,10 +177,33 @@ class Batch:
     teacher_input_ids_bs: jax.Array | None = None
     teacher_attention_mask_bs: jax.Array | None = None
     target_alpha: jax.Array | None = None
+    teacher_topk_ids_btk: jax.Array | None = None
+    teacher_topk_logprob_btk: jax.Array | None = None
+    sampled_teacher_logprob_bt: jax.Array | None = None
+    prefix_mask_bt: jax.Array | None = None
 
     @property
     def uses_stored_teacher(self) -> bool:
-        return self.topk_ids_btk is not None
+        return any(getattr(self, name) is not None
+                   for names in STORED_FIELDS.values() for name in names)
+
+    @property
+    def uses_teacher_sequence(self) -> bool:
+        return self.teacher_input_ids_bs is not None or self.teacher_attention_mask_bs is not None
+
+
+def step_supports(config: TrainConfig, batch: Batch) -> tuple[str, ...]:
+    """The supports one step computes, in objectives.SUPPORTS order: the objective's, plus the
+    teacher's top-k when the batch carries teacher-prefix tokens (their imitation term)."""
+    need = set(config.objective_spec.supports)
+    if batch.prefix_mask_bt is not None:
+        need.add("teacher_topk")
+    return tuple(s for s in objectives.SUPPORTS if s in need)
+
+
+def step_needs_teacher(config: TrainConfig, batch: Batch) -> bool:
+    """Whether the step reads teacher log-probs (stored or from a teacher forward)."""
+    return config.objective_spec.needs_teacher or batch.prefix_mask_bt is not None
 
 
 def make_schedule(optim: OptimConfig) -> optax.Schedule:
@@ -231,37 +263,42 @@ def check_batch(batch: Batch, config: TrainConfig, teacher_params: Params | None
             f"response window T={t} must be >= 1 and shorter than the sequence S={s} "
             "(at least one prompt token precedes the response)"
         )
-    kind = LOSS_KINDS[config.loss]
-    if kind.needs_alpha:
+    name = config.objective.name
+    if batch.prefix_mask_bt is not None and batch.prefix_mask_bt.shape != (b, t):
+        raise ValueError(f"prefix_mask_bt must be [B, T] = {(b, t)}, got {batch.prefix_mask_bt.shape}")
+    if config.objective_spec.needs_alpha:
         alpha = batch.target_alpha
         if alpha is None or jnp.shape(alpha) != () or not jnp.issubdtype(jnp.result_type(alpha), jnp.floating):
             got = None if alpha is None else f"shape {jnp.shape(alpha)} dtype {jnp.result_type(alpha)}"
             raise ValueError(
-                f"loss={config.loss!r} needs Batch.target_alpha, a float32 [] scalar (the bridge "
+                f"objective {name!r} needs Batch.target_alpha, a float32 [] scalar (the bridge "
                 f"coefficient, traced), got {got}"
             )
-    stored = batch.topk_ids_btk is not None or batch.topk_teacher_logprob_btk is not None
-    scored = batch.teacher_input_ids_bs is not None or batch.teacher_attention_mask_bs is not None
-    if not kind.needs_teacher:
+    stored, scored = batch.uses_stored_teacher, batch.uses_teacher_sequence
+    if not step_needs_teacher(config, batch):
         if stored or scored:
             raise ValueError(
-                f"loss={config.loss!r} uses no teacher: the batch must carry neither the top-k "
-                "teacher scores (topk_*) nor the teacher's sequence (teacher_*)"
+                f"objective {name!r} uses no teacher: the batch must carry neither the stored "
+                "teacher scores (topk_*, teacher_topk_*, sampled_teacher_*) nor the teacher's "
+                "sequence (teacher_*)"
             )
         return
     if stored == scored:
         raise ValueError(
-            "a batch carries either the rollout's top-k teacher scores (topk_ids_btk, "
-            "topk_teacher_logprob_btk) or the teacher's own sequence (teacher_input_ids_bs, "
+            "a batch carries either the rollout's stored teacher scores (topk_ids_btk, "
+            "topk_teacher_logprob_btk, ...) or the teacher's own sequence (teacher_input_ids_bs, "
             "teacher_attention_mask_bs), exactly one of the two"
         )
     if stored:
-        want = (b, t, config.top_k)
-        for name in ("topk_ids_btk", "topk_teacher_logprob_btk"):
-            x = getattr(batch, name)
-            if x is None or x.shape != want:
-                got = None if x is None else x.shape
-                raise ValueError(f"{name} must have shape [B, T, top_k] = {want}, got {got}")
+        for support in step_supports(config, batch):
+            for field in STORED_FIELDS[support]:
+                x = getattr(batch, field)
+                want = (b, t) if field.endswith("_bt") else (b, t, config.top_k)
+                if x is None or x.shape != want:
+                    got = None if x is None else x.shape
+                    raise ValueError(
+                        f"objective {name!r} reads the {support} support: stored mode needs "
+                        f"Batch.{field} of shape {want}, got {got}")
         return
     if config.teacher is None or teacher_params is None:
         raise ValueError("teacher mode needs config.teacher and teacher_params")
@@ -291,11 +328,6 @@ def response_hidden(x_bsd: jax.Array, t: int) -> jax.Array:
     return x_bsd[:, s - t - 1 : s - 1]
 
 
-def qwen3_head(params: Params, config: qwen3.Qwen3Config) -> Callable[[jax.Array], jax.Array]:
-    """x [B, C, D] -> float32 logits [B, C, V] (final norm + LM head)."""
-    return lambda x_bcd: qwen3.unembed(params, config, x_bcd)
-
-
 # ---------------------------------------------------------------------------------------------
 # The chunked loss
 
@@ -317,128 +349,6 @@ def _chunks(x: jax.Array, chunk: int, n: int) -> jax.Array:
 def _unchunk(x_nbc: jax.Array, t: int) -> jax.Array:
     n, b, c = x_nbc.shape[:3]
     return jnp.moveaxis(x_nbc, 0, 1).reshape(b, n * c, *x_nbc.shape[3:])[:, :t]
-
-
-def chunked_topk_kl(
-    student_head: Callable[[jax.Array], jax.Array],
-    x_btd: jax.Array,
-    *,
-    chunk_size: int,
-    top_k: int = losses.DEFAULT_TOP_K,
-    renormalize: bool = True,
-    support: str | None = None,
-    eos: EosMap | None = None,
-    topk_ids_btk: jax.Array | None = None,
-    topk_teacher_logprob_btk: jax.Array | None = None,
-    teacher_head: Callable[[jax.Array], jax.Array] | None = None,
-    teacher_x_btd: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """Per-token top-k reverse KL [B, T] and the student's mass on its support [B, T].
-
-    The student's distribution at response position t is `student_head(x_btd[:, t])`. The
-    teacher's log-probs at the support come either stored (`topk_*`, the support is the stored
-    ids) or from `teacher_head(teacher_x_btd)` at the student's own top-k ids (chosen without
-    gradient). Only one [B, chunk_size, V] chunk of logits per model is live at a time, in the
-    forward and (by rematerialisation) in the backward pass.
-    """
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive number of positions, got {chunk_size}")
-    stored = topk_ids_btk is not None
-    if stored == (teacher_head is not None):
-        raise ValueError("give either the stored top-k teacher log-probs or a teacher head")
-    if stored and topk_teacher_logprob_btk is None:
-        raise ValueError("topk_ids_btk needs topk_teacher_logprob_btk")
-    if not stored and teacher_x_btd is None:
-        raise ValueError("teacher_head needs teacher_x_btd")
-    t = x_btd.shape[1]
-    chunk = min(chunk_size, t)
-    n = -(-t // chunk)
-
-    if stored:
-        xs = (_chunks(x_btd, chunk, n), _chunks(topk_ids_btk, chunk, n),
-              _chunks(topk_teacher_logprob_btk.astype(jnp.float32), chunk, n))  # fmt: skip
-    else:
-        xs = (_chunks(x_btd, chunk, n), _chunks(jax.lax.stop_gradient(teacher_x_btd), chunk, n))
-
-    @jax.checkpoint
-    def one_chunk(xs_chunk):
-        x_bcd = xs_chunk[0]
-        log_s_bcv = _log_probs(student_head(x_bcd), eos)
-        if stored:
-            ids_bck, log_t_bck = xs_chunk[1], xs_chunk[2]
-        else:
-            ids_bck = losses.topk_support(log_s_bcv, top_k)
-            log_t_bcv = jax.lax.stop_gradient(_log_probs(teacher_head(xs_chunk[1]), eos))
-            log_t_bck = jnp.take_along_axis(log_t_bcv, ids_bck, axis=-1)
-        log_s_bck = jnp.take_along_axis(log_s_bcv, ids_bck, axis=-1)
-        kl_bc = losses.topk_reverse_kl_from_log_probs(log_s_bck, log_t_bck, renormalize=renormalize,
-                                                      support=support)
-        mass_bc = jnp.sum(jnp.exp(jax.lax.stop_gradient(log_s_bck)), axis=-1)
-        return kl_bc, mass_bc
-
-    kl_nbc, mass_nbc = jax.lax.map(one_chunk, xs)
-    return _unchunk(kl_nbc, t), _unchunk(mass_nbc, t)
-
-
-# ---------------------------------------------------------------------------------------------
-# Loss kinds: one small per-token function each, chosen by `TrainConfig.loss`
-
-
-def _renormalise(log_p_k: jax.Array) -> jax.Array:
-    return log_p_k - jax.nn.logsumexp(log_p_k, axis=-1, keepdims=True)
-
-
-def _scaled(a: jax.Array, log_p: jax.Array) -> jax.Array:
-    """a * log_p with 0 * (-inf) = 0 (a token outside one side's support)."""
-    return jnp.where(a == 0, 0.0, a * log_p)
-
-
-def opd_token_loss(log_s_btk, log_t_btk, alpha, *, support: str) -> jax.Array:
-    """KL(pi_S || pi_T) on the support (the paper's OPD loss), per token [B, T]; `support` says
-    how the mass outside the k ids counts (losses.TOPK_SUPPORTS)."""
-    del alpha
-    return losses.topk_reverse_kl_from_log_probs(log_s_btk, log_t_btk, support=support)
-
-
-def veto_token_loss(log_s_btk, log_t_btk, alpha, *, support: str) -> jax.Array:
-    """KL(pi_S || q_alpha) on the support, q_alpha ∝ sg(pi_S)^(1 - alpha) pi_T^alpha renormalised
-    over the support (the Veto target-side bridge), per token [B, T]. alpha = 1 is the OPD loss
-    (the same operations on the same numbers; XLA may fuse the two programs differently, ~1e-7
-    relative); alpha = 0 is exactly 0 (q = sg(pi_S)) with zero gradient."""
-    if support == "unrenormalized":
-        raise ValueError("the veto loss renormalises over the top-k support: needs renormalize=True")
-    a = jnp.asarray(alpha, jnp.float32)
-    log_s = log_s_btk.astype(jnp.float32)
-    log_t = jax.lax.stop_gradient(log_t_btk.astype(jnp.float32))
-    log_q = _scaled(1.0 - a, jax.lax.stop_gradient(log_s)) + _scaled(a, log_t)
-    return losses.kl_from_log_probs(_renormalise(log_s), _renormalise(log_q))
-
-
-def sft_token_loss(log_s_bt1, log_t_bt1, alpha, *, support: str) -> jax.Array:
-    """-log pi_S(response token) per token [B, T] (EOS-merged: a stop scores the stop event)."""
-    del log_t_bt1, alpha, support
-    return -log_s_bt1[..., 0].astype(jnp.float32)
-
-
-@dataclasses.dataclass(frozen=True)
-class LossKind:
-    """per_token(log_s_btm, log_t_btm | None, alpha | None, *, support) -> [B, T].
-
-    support: "topk" (the student's top-k ids: the rollout's, or chosen per chunk in the teacher
-    mode) or "sampled" (the response token itself, m = 1).
-    """
-
-    per_token: Callable[..., jax.Array]
-    support: str
-    needs_teacher: bool
-    needs_alpha: bool = False
-
-
-LOSS_KINDS: dict[str, LossKind] = {
-    "opd": LossKind(opd_token_loss, support="topk", needs_teacher=True),
-    "veto": LossKind(veto_token_loss, support="topk", needs_teacher=True, needs_alpha=True),
-    "sft": LossKind(sft_token_loss, support="sampled", needs_teacher=False),
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,40 +408,47 @@ def _entropy(log_p_bcv: jax.Array) -> jax.Array:
     return -jnp.sum(jnp.exp(log_p_bcv) * jnp.where(jnp.isfinite(log_p_bcv), log_p_bcv, 0.0), axis=-1)
 
 
+def support_widths(supports: tuple[str, ...], top_k: int) -> dict[str, int]:
+    """Columns each support takes in the concatenated `ids_btm` (top-k supports k, sampled 1)."""
+    return {s: (1 if s == "sampled" else top_k) for s in supports}
+
+
 def score_response(
     student: LinearHead,
     x_btd: jax.Array,
     tokens_bt: jax.Array,
     *,
-    support: str,
+    supports: tuple[str, ...],
     chunk_size: int,
     top_k: int = losses.DEFAULT_TOP_K,
     eos: EosMap | None = None,
-    topk_ids_btk: jax.Array | None = None,
-    topk_teacher_logprob_btk: jax.Array | None = None,
+    stored: dict[str, jax.Array] | None = None,
     teacher: LinearHead | None = None,
     teacher_x_btd: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
-    """Everything the losses and metrics need from the logits, one [B, chunk, V] chunk at a time.
+    """Everything the objectives and metrics need from the logits, one [B, chunk, V] chunk at
+    a time.
 
     No gradient flows through it (`response_log_probs` attaches the student's). tokens_bt: the
-    response tokens (student-side ids; any native EOS scores the merged stop event). Teacher
-    log-probs come stored (`topk_*`: the support is the stored ids) or from `teacher` at
-    `teacher_x_btd`, or not at all (then the teacher outputs are NaN). Returns [B, T, ...]:
-      ids_btm, log_s_btm (student log-probs at the support; m = top_k, or 1 for "sampled"),
-      log_t_btm (teacher's there; NaN without a teacher), lse_bt / eos_lse_bt (logsumexp of the
-      raw student logits over the vocabulary / over eos.eos_ids: the backward pass's softmax),
-      student_topk_mass_bt, student_logprob_bt, teacher_logprob_bt, teacher_entropy_bt.
+    response tokens (student-side ids; any native EOS scores the merged stop event).
+    supports: objectives.SUPPORTS names, in that order; their ids are concatenated along the
+    last axis (widths: `support_widths`). Teacher log-probs come `stored` (Batch fields named
+    in STORED_FIELDS: a stored top-k support uses the stored ids), or from `teacher` at
+    `teacher_x_btd` (the student's / teacher's top-k chosen per chunk, ties lower id first), or
+    not at all (NaN). Returns [B, T, ...]:
+      ids_btm, log_s_btm (student log-probs at the supports), log_t_btm (teacher's there),
+      lse_bt / eos_lse_bt (logsumexp of the raw student logits over the vocabulary / over
+      eos.eos_ids: the backward pass's softmax), student_topk_mass_bt, student_entropy_bt,
+      student_logprob_bt, teacher_logprob_bt, teacher_entropy_bt.
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive number of positions, got {chunk_size}")
-    if support not in ("topk", "sampled"):
-        raise ValueError(f"support must be 'topk' or 'sampled', got {support!r}")
-    stored = topk_ids_btk is not None
+    if not supports or list(supports) != [s for s in objectives.SUPPORTS if s in supports]:
+        raise ValueError(f"supports must be a non-empty ordered subset of {objectives.SUPPORTS}, "
+                         f"got {supports}")
+    stored = stored or {}
     if stored and teacher is not None:
-        raise ValueError("give either the stored top-k teacher log-probs or a teacher head")
-    if stored and (topk_teacher_logprob_btk is None or support != "topk"):
-        raise ValueError("topk_ids_btk needs topk_teacher_logprob_btk and the top-k support")
+        raise ValueError("give either the stored teacher scores or a teacher head")
     if teacher is not None and teacher_x_btd is None:
         raise ValueError("a teacher head needs teacher_x_btd")
     student, x_btd = jax.lax.stop_gradient((student, x_btd))
@@ -539,8 +456,8 @@ def score_response(
     chunk = min(chunk_size, t)
     n = -(-t // chunk)
     xs = {"x": x_btd, "tok": _stop_ids(tokens_bt, eos)}
-    if stored:
-        xs.update(ids=topk_ids_btk, log_t=topk_teacher_logprob_btk.astype(jnp.float32))
+    xs.update({key: (v.astype(jnp.float32) if "logprob" in key else v)
+               for key, v in stored.items() if v is not None})
     if teacher is not None:
         teacher, xs["xt"] = jax.lax.stop_gradient((teacher, teacher_x_btd))
     xs = {key: _chunks(value, chunk, n) for key, value in xs.items()}
@@ -549,31 +466,49 @@ def score_response(
         z_bcv = student(c["x"])
         log_s_bcv = _log_probs(z_bcv, eos)
         tok_bc1 = c["tok"][..., None]
-        if stored:
-            ids = c["ids"]
-            mass_bc = jnp.sum(jnp.exp(jnp.take_along_axis(log_s_bcv, ids, axis=-1)), axis=-1)
-        else:
-            top_bck, top_ids = jax.lax.top_k(log_s_bcv, top_k)  # ties: lower id first
-            ids = top_ids if support == "topk" else tok_bc1
-            mass_bc = jnp.sum(jnp.exp(top_bck), axis=-1)
+        log_t_bcv = _log_probs(teacher(c["xt"]), eos) if teacher is not None else None
         nan_bc = jnp.full(tok_bc1.shape[:2], jnp.nan, jnp.float32)
+        top_bck, top_ids = jax.lax.top_k(log_s_bcv, top_k)  # ties: lower id first
+        mass_bc = jnp.sum(jnp.exp(top_bck), axis=-1)
+        ids, log_t = [], []
+        for support in supports:
+            if support == "sampled":
+                ids.append(tok_bc1)
+                if "sampled_teacher_logprob_bt" in c:
+                    log_t.append(c["sampled_teacher_logprob_bt"][..., None])
+                    continue
+            elif "topk_ids_btk" in c and support == "student_topk":
+                ids.append(c["topk_ids_btk"])
+                log_t.append(c["topk_teacher_logprob_btk"])
+                mass_bc = jnp.sum(jnp.exp(jnp.take_along_axis(log_s_bcv, ids[-1], -1)), axis=-1)
+                continue
+            elif "teacher_topk_ids_btk" in c and support == "teacher_topk":
+                ids.append(c["teacher_topk_ids_btk"])
+                log_t.append(c["teacher_topk_logprob_btk"])
+                continue
+            elif support == "student_topk":
+                ids.append(top_ids)
+            else:  # the teacher's top-k from its forward
+                if log_t_bcv is None:
+                    raise ValueError("the teacher_topk support needs the teacher (stored or a head)")
+                ids.append(jax.lax.top_k(log_t_bcv, top_k)[1])
+            log_t.append(jnp.take_along_axis(log_t_bcv, ids[-1], axis=-1) if log_t_bcv is not None
+                         else jnp.full(ids[-1].shape, jnp.nan, jnp.float32))
+        ids_bcm = jnp.concatenate(ids, axis=-1)
         out = {
-            "ids_btm": ids,
-            "log_s_btm": jnp.take_along_axis(log_s_bcv, ids, axis=-1),
+            "ids_btm": ids_bcm,
+            "log_s_btm": jnp.take_along_axis(log_s_bcv, ids_bcm, axis=-1),
+            "log_t_btm": jnp.concatenate(log_t, axis=-1),
             "lse_bt": jax.nn.logsumexp(z_bcv, axis=-1),
             "eos_lse_bt": (jax.nn.logsumexp(z_bcv[..., jnp.asarray(eos.eos_ids)], axis=-1)
                            if eos is not None else jnp.zeros_like(nan_bc)),  # fmt: skip
             "student_topk_mass_bt": mass_bc,
+            "student_entropy_bt": _entropy(log_s_bcv),
             "student_logprob_bt": jnp.take_along_axis(log_s_bcv, tok_bc1, axis=-1)[..., 0],
             "teacher_logprob_bt": nan_bc,
             "teacher_entropy_bt": nan_bc,
-            "log_t_btm": jnp.full(ids.shape, jnp.nan, jnp.float32),
         }
-        if stored:
-            out["log_t_btm"] = c["log_t"]
-        if teacher is not None:
-            log_t_bcv = _log_probs(teacher(c["xt"]), eos)
-            out["log_t_btm"] = jnp.take_along_axis(log_t_bcv, ids, axis=-1)
+        if log_t_bcv is not None:
             out["teacher_logprob_bt"] = jnp.take_along_axis(log_t_bcv, tok_bc1, axis=-1)[..., 0]
             out["teacher_entropy_bt"] = _entropy(log_t_bcv)
         return out
@@ -677,34 +612,56 @@ def response_log_probs(
     )  # fmt: skip
 
 
+def token_terms(supports: tuple[str, ...], top_k: int, log_s_btm: jax.Array,
+                log_t_btm: jax.Array, alpha: jax.Array | None = None) -> objectives.TokenTerms:
+    """Splits the concatenated support columns into one `objectives.Support` per support."""
+    parts, start = {}, 0
+    for support, width in support_widths(supports, top_k).items():
+        parts[support] = objectives.Support(log_s=log_s_btm[..., start:start + width],
+                                            log_t=log_t_btm[..., start:start + width])
+        start += width
+    return objectives.TokenTerms(**parts, alpha=alpha)
+
+
 def chunked_token_loss(
     student: LinearHead,
     x_btd: jax.Array,
     tokens_bt: jax.Array,
     *,
-    loss: str = "opd",
+    objective: objectives.ObjectiveConfig = objectives.ObjectiveConfig(),
     chunk_size: int,
     vocab_chunk_size: int = 8192,
     top_k: int = losses.DEFAULT_TOP_K,
-    renormalize: bool = True,
-    support: str | None = None,
     eos: EosMap | None = None,
     target_alpha: jax.Array | None = None,
-    **teacher_source,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Per-token loss [B, T] of kind `loss` and the per-token scores (see `score_response`).
+    prefix_mask_bt: jax.Array | None = None,
+    stored: dict[str, jax.Array] | None = None,
+    teacher: LinearHead | None = None,
+    teacher_x_btd: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
+    """(per-token loss [B, T], per-token diagnostics {name: [B, T]}, scores) of `objective`.
 
-    teacher_source: topk_ids_btk + topk_teacher_logprob_btk (stored), or teacher +
-    teacher_x_btd (a LinearHead and its hidden states), or nothing (loss="sft").
+    The teacher's log-probs come `stored` (Batch fields, STORED_FIELDS), from `teacher` at
+    `teacher_x_btd`, or not at all (objectives without a teacher). Tokens under
+    `prefix_mask_bt` (teacher-generated) get objective.prefix_fkl_weight x KL(pi_T || pi_S) on
+    the teacher's top-k instead of the objective. `scores`: see `score_response`.
     """
-    kind = LOSS_KINDS[loss]
-    scores = score_response(student, x_btd, tokens_bt, support=kind.support, chunk_size=chunk_size,
-                            top_k=top_k, eos=eos, **teacher_source)  # fmt: skip
+    spec = objectives.get(objective.name)
+    need = set(spec.supports) | ({"teacher_topk"} if prefix_mask_bt is not None else set())
+    supports = tuple(s for s in objectives.SUPPORTS if s in need)
+    scores = score_response(student, x_btd, tokens_bt, supports=supports, chunk_size=chunk_size,
+                            top_k=top_k, eos=eos, stored=stored, teacher=teacher,
+                            teacher_x_btd=teacher_x_btd)  # fmt: skip
     log_s_btm = response_log_probs(student, x_btd, scores, chunk_size=chunk_size,
                                    vocab_chunk_size=vocab_chunk_size, eos=eos)  # fmt: skip
-    support = losses.resolve_support(renormalize, support)
-    per_bt = kind.per_token(log_s_btm, scores["log_t_btm"], target_alpha, support=support)
-    return per_bt, scores
+    terms = token_terms(supports, top_k, log_s_btm, scores["log_t_btm"], target_alpha)
+    per_bt, diagnostics = spec.per_token(terms, objective)
+    if prefix_mask_bt is not None:
+        top = terms.teacher_topk
+        imitation_bt = losses.topk_forward_kl_from_log_probs(top.log_s, top.log_t,
+                                                             support=objective.topk_support)
+        per_bt = jnp.where(prefix_mask_bt, objective.prefix_fkl_weight * imitation_bt, per_bt)
+    return per_bt.astype(jnp.float32), diagnostics, scores
 
 
 # ---------------------------------------------------------------------------------------------
@@ -720,53 +677,63 @@ def teacher_response_hidden(teacher_params: Params, config: TrainConfig, batch: 
     return jax.lax.stop_gradient(response_hidden(x_bsd, batch.response_mask_bt.shape[1]))
 
 
+def _teacher_source(params_t_head: LinearHead | None, teacher_x_btd, batch: Batch,
+                    config: TrainConfig) -> dict[str, Any]:
+    """chunked_token_loss's teacher arguments for this batch and mode."""
+    if not step_needs_teacher(config, batch):
+        return {}
+    if batch.uses_stored_teacher:
+        return {"stored": {field: getattr(batch, field) for support in step_supports(config, batch)
+                           for field in STORED_FIELDS[support]}}
+    return {"teacher": params_t_head, "teacher_x_btd": teacher_x_btd}
+
+
 def loss_fn(
     params: Params, batch: Batch, teacher_x_btd: jax.Array | None, teacher_params: Params | None,
     config: TrainConfig, *, denominator: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:  # fmt: skip
-    """Masked token mean of the `config.loss` per-token loss over the response, and metrics.
+    """Masked token mean of the objective's per-token loss over the response, and metrics.
 
     denominator: divide the masked token sums by this count instead of this batch's own
     (a micro-batch's share of the whole batch's mean); None: this batch's response tokens.
 
-    Metrics: student_topk_mass (scalar) and per-row [B] float32 token means over the response
-    (0 for a row with no response token): student_logprob_b (log pi_S of the response tokens,
-    before the update), teacher_logprob_b (log pi_T of the same tokens) and teacher_entropy_b
-    (entropy of the EOS-merged teacher distribution); the teacher ones are NaN where no teacher
-    distribution is computed (stored mode, sft).
+    Metrics (aux): student_topk_mass and student_entropy (token means, scalars);
+    `diagnostic_sum/<name>` for each of the objective's diagnostics (sums over the response
+    tokens outside any teacher prefix) and `diagnostic_tokens` (their count): `train_step`
+    turns them into means; per-row [B] float32 token means over the response (0 for a row with
+    no response token): student_logprob_b (log pi_S of the response tokens, before the update),
+    teacher_logprob_b (log pi_T of the same tokens) and teacher_entropy_b (entropy of the
+    EOS-merged teacher distribution); the teacher ones are NaN where no teacher distribution is
+    computed (stored mode, objectives without a teacher).
     """
     t = batch.response_mask_bt.shape[1]
     x_bsd = hidden_states(params, config.student, batch.input_ids_bs, batch.attention_mask_bs,
                           remat=config.remat_layers)  # fmt: skip
-    if not LOSS_KINDS[config.loss].needs_teacher:
-        source = {}
-    elif batch.uses_stored_teacher:
-        source = dict(topk_ids_btk=batch.topk_ids_btk, topk_teacher_logprob_btk=batch.topk_teacher_logprob_btk)
-    else:
-        source = dict(teacher=lm_head(teacher_params, config.teacher), teacher_x_btd=teacher_x_btd)
-    per_bt, scores = chunked_token_loss(
+    teacher_head = lm_head(teacher_params, config.teacher) if teacher_x_btd is not None else None
+    per_bt, diagnostics, scores = chunked_token_loss(
         lm_head(params, config.student), response_hidden(x_bsd, t), batch.input_ids_bs[:, -t:],
-        loss=config.loss, chunk_size=config.chunk_size, vocab_chunk_size=config.vocab_chunk_size,
-        top_k=config.top_k, support=config.support, eos=config.eos,
-        target_alpha=batch.target_alpha, **source,
+        objective=config.objective, chunk_size=config.chunk_size,
+        vocab_chunk_size=config.vocab_chunk_size, top_k=config.top_k, eos=config.eos,
+        target_alpha=batch.target_alpha, prefix_mask_bt=batch.prefix_mask_bt,
+        **_teacher_source(teacher_head, teacher_x_btd, batch, config),
     )  # fmt: skip
-    mask_bt = batch.response_mask_bt
-    m_bt = mask_bt.astype(jnp.float32)
+    m_bt = batch.response_mask_bt.astype(jnp.float32)
     count_b = jnp.maximum(jnp.sum(m_bt, axis=-1), 1.0)
 
-    def row_mean(x_bt):  # masked positions never count (a NaN there neither)
-        return jnp.sum(jnp.where(m_bt > 0, x_bt, 0.0) * m_bt, axis=-1) / count_b
+    def masked(x_bt, w_bt):  # masked positions never count (a NaN there neither)
+        return jnp.where(w_bt > 0, x_bt.astype(jnp.float32), 0.0) * w_bt
 
     if denominator is None:
         denominator = jnp.maximum(jnp.sum(m_bt), 1.0)
-
-    def token_mean(x_bt):  # losses.masked_mean with an outside denominator
-        return jnp.sum(jnp.where(m_bt > 0, x_bt.astype(jnp.float32), 0.0) * m_bt) / denominator
-
-    aux = {"student_topk_mass": token_mean(scores["student_topk_mass_bt"])}
+    aux = {name: jnp.sum(masked(scores[f"{name}_bt"], m_bt)) / denominator
+           for name in ("student_topk_mass", "student_entropy")}
     for name in ("student_logprob", "teacher_logprob", "teacher_entropy"):
-        aux[f"{name}_b"] = row_mean(scores[f"{name}_bt"])
-    return token_mean(per_bt), aux
+        aux[f"{name}_b"] = jnp.sum(masked(scores[f"{name}_bt"], m_bt), axis=-1) / count_b
+    on_policy_bt = m_bt if batch.prefix_mask_bt is None else m_bt * (~batch.prefix_mask_bt)
+    for name, x_bt in diagnostics.items():
+        aux[f"diagnostic_sum/{name}"] = jnp.sum(masked(x_bt, on_policy_bt))
+    aux["diagnostic_tokens"] = jnp.sum(on_policy_bt)
+    return jnp.sum(masked(per_bt, m_bt)) / denominator, aux
 
 
 def num_microbatches(config: TrainConfig, rows: int) -> int:
@@ -801,7 +768,7 @@ def batch_grads(
     every micro-batch divides its token sums by the whole batch's token count, so the sum is
     the one-shot gradient (up to float32 summation order). Grads come back in the params' dtype.
     """
-    needs_teacher = LOSS_KINDS[config.loss].needs_teacher and not batch.uses_stored_teacher
+    needs_teacher = step_needs_teacher(config, batch) and not batch.uses_stored_teacher
 
     def one(mb: Batch, denominator):
         teacher_x_btd = None
@@ -821,26 +788,42 @@ def batch_grads(
     rows = jax.tree.map(lambda x: _split_rows(x, n), batch.replace(target_alpha=None))
 
     def body(carry, mb: Batch):
-        g_acc, loss_acc, mass_acc = carry
+        g_acc, sums = carry
         (loss, aux), grads = one(mb.replace(target_alpha=alpha), denominator)
         g_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), g_acc, grads)
-        per_row = {k: v for k, v in aux.items() if k != "student_topk_mass"}
-        return (g_acc, loss_acc + loss, mass_acc + aux["student_topk_mass"]), per_row
+        # scalars are token sums over the whole batch's denominator (or plain sums): they add
+        sums = jax.tree.map(jnp.add, sums, {"loss": loss, **{k: v for k, v in aux.items() if v.ndim == 0}})
+        return (g_acc, sums), {k: v for k, v in aux.items() if v.ndim > 0}
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    (g_acc, loss, mass), per_row = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)), rows)
+    _, aux_shapes = jax.eval_shape(lambda: one(jax.tree.map(lambda x: x[0], rows).replace(target_alpha=alpha), denominator))[0]
+    sums0 = {"loss": jnp.float32(0), **{k: jnp.zeros((), jnp.float32) for k, v in aux_shapes.items()
+                                        if v.ndim == 0}}
+    (g_acc, sums), per_row = jax.lax.scan(body, (zeros, sums0), rows)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), g_acc, params)
-    aux = {"student_topk_mass": mass, **{k: _merge_rows(v) for k, v in per_row.items()}}
+    loss = sums.pop("loss")
+    aux = {**sums, **{k: _merge_rows(v) for k, v in per_row.items()}}
     return loss, aux, grads
+
+
+def _diagnostic_means(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """aux with each `diagnostic_sum/<name>` replaced by its mean `<name>`."""
+    tokens = jnp.maximum(aux["diagnostic_tokens"], 1.0)
+    out = {k: v for k, v in aux.items() if not k.startswith("diagnostic_")}
+    out.update({k.split("/", 1)[1]: v / tokens for k, v in aux.items()
+                if k.startswith("diagnostic_sum/")})
+    return out
 
 
 def train_step(
     state: TrainState, batch: Batch, teacher_params: Params | None = None, *, config: TrainConfig
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One AdamW step on the `config.loss` loss of the response tokens. Pure; jit via `jit_train_step`.
+    """One AdamW step on the objective's loss of the response tokens. Pure; jit via `jit_train_step`.
 
     Metrics: float32 scalars loss (before the update), grad_norm (before clipping),
-    learning_rate (of this update), num_tokens (response tokens counted), student_topk_mass;
+    learning_rate (of this update), num_tokens (response tokens counted), student_topk_mass,
+    student_entropy (policy entropy), and one per objective diagnostic (its token mean over
+    the on-policy response tokens, named as the objective names it);
     float32 [B] student_logprob_b, teacher_logprob_b, teacher_entropy_b (see `loss_fn`).
     A non-finite loss or grad_norm leaves params, opt_state and step as they were (the caller
     sees it in the metrics and raises or counts a skipped update).
@@ -856,7 +839,7 @@ def train_step(
         "grad_norm": optax.tree.norm(grads),
         "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
         "num_tokens": jnp.sum(batch.response_mask_bt.astype(jnp.float32)),
-        **aux,
+        **_diagnostic_means(aux),
     }
     # The old state is donated, so the choice between it and the update is made here (a select
     # XLA fuses into the update), not on the host after the buffers are gone.

@@ -43,7 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from trb_jax import checkpointing, distributed, evaluation, locking, methods, rewards, sharding
 from trb_jax import data as data_lib
 from trb_jax import train_step as ts
-from trb_jax.behaviors import BLEND_BEHAVIORS, make_knobs
+from trb_jax.behaviors import BLEND_BEHAVIORS, REPLACING_BEHAVIORS, make_knobs
 from trb_jax.blending import EosMap
 from trb_jax.config import RunConfig
 from trb_jax.errors import CheckpointError, ConfigError, DataError, NonFiniteError, atomic_write
@@ -238,8 +238,22 @@ def _rows_sharding(mesh: Mesh, rows: int) -> NamedSharding:
 # One update's pieces
 
 
-def make_batch(prompts: Prompts, ro: Rollout, plan: methods.StepPlan) -> ts.Batch:
-    """[prompt | response] for the student, plus stored teacher top-k or the teacher's sequence.
+# Stored mode: the rollout field that carries each Batch field (train_step.STORED_FIELDS).
+_ROLLOUT_FIELD = {
+    "topk_ids_btk": "topk_ids_btk",
+    "topk_teacher_logprob_btk": "topk_teacher_logprob_btk",
+    "teacher_topk_ids_btk": "teacher_topk_ids_btk",
+    "teacher_topk_logprob_btk": "teacher_topk_teacher_logprob_btk",
+    "sampled_teacher_logprob_bt": "teacher_logprob_bt",
+}
+
+
+def make_batch(prompts: Prompts, ro: Rollout, plan: methods.StepPlan,
+               config: ts.TrainConfig) -> ts.Batch:
+    """[prompt | response] for the student, plus what the objective of `config` reads from the
+    teacher: the rollout's stored scores if the teacher ran in the rollout, else the teacher's
+    own sequence (the step runs its forward). Teacher-sampled prefix tokens are marked when
+    the plan imitates them.
 
     The student sequence carries the student's native EOS at the stop, the teacher sequence the
     teacher's (what each model was fed during the rollout).
@@ -248,19 +262,18 @@ def make_batch(prompts: Prompts, ro: Rollout, plan: methods.StepPlan) -> ts.Batc
     mask = jnp.concatenate([prompts.student_mask_bt, jnp.ones_like(ro.student_tokens_bt)], axis=1)
     batch = ts.Batch(input_ids_bs=ids, attention_mask_bs=mask,
                      response_mask_bt=ro.response_mask_bt)
-    if plan.loss == "sft":
+    if plan.imitate_prefix:
+        batch = batch.replace(prefix_mask_bt=ro.from_teacher_bt)
+    if config.objective_spec.needs_alpha:
+        batch = batch.replace(target_alpha=jnp.asarray(plan.target_alpha, jnp.float32))
+    if not ts.step_needs_teacher(config, batch):
         return batch
     if ro.topk_ids_btk is not None:  # the teacher ran inside the rollout: reuse its scores
-        batch = batch.replace(topk_ids_btk=ro.topk_ids_btk,
-                              topk_teacher_logprob_btk=ro.topk_teacher_logprob_btk)
-    else:
-        t_ids = jnp.concatenate([prompts.teacher_ids_bt, ro.teacher_tokens_bt], axis=1)
-        t_mask = jnp.concatenate([prompts.teacher_mask_bt, jnp.ones_like(ro.teacher_tokens_bt)],
-                                 axis=1)
-        batch = batch.replace(teacher_input_ids_bs=t_ids, teacher_attention_mask_bs=t_mask)
-    if plan.loss == "veto":
-        batch = batch.replace(target_alpha=jnp.asarray(plan.target_alpha, jnp.float32))
-    return batch
+        fields = [f for support in ts.step_supports(config, batch) for f in ts.STORED_FIELDS[support]]
+        return batch.replace(**{f: getattr(ro, _ROLLOUT_FIELD[f]) for f in fields})
+    t_ids = jnp.concatenate([prompts.teacher_ids_bt, ro.teacher_tokens_bt], axis=1)
+    t_mask = jnp.concatenate([prompts.teacher_mask_bt, jnp.ones_like(ro.teacher_tokens_bt)], axis=1)
+    return batch.replace(teacher_input_ids_bs=t_ids, teacher_attention_mask_bs=t_mask)
 
 
 def _masked_mean(x_bt: np.ndarray, mask_bt: np.ndarray) -> float:
@@ -302,13 +315,13 @@ def rollout_metrics(ro_host: dict[str, np.ndarray], plan: methods.StepPlan, rewa
                     if finite.any() else float("nan"))
     beta = ro_host["beta_bt"][mask]
     beta = beta[np.isfinite(beta)]
-    if plan.behavior in BLEND_BEHAVIORS and beta.size:
+    if plan.behavior in BLEND_BEHAVIORS and beta.size:  # a blended rollout solved for beta*
         out["beta_mean"] = float(beta.mean())
         for q in (10, 50, 90):
             out[f"beta_p{q}"] = float(np.percentile(beta, q))
     kl = ro_host["kl_bt"][mask]
     out["behavior_kl"] = float(np.nanmean(kl)) if np.isfinite(kl).any() else float("nan")
-    if plan.behavior == "skd":
+    if plan.behavior in REPLACING_BEHAVIORS:
         out["skd_replaced_frac"] = _masked_mean(ro_host["skd_replaced_bt"].astype(np.float32), mask)
     return out
 
@@ -368,12 +381,14 @@ def phase_optim(cfg: RunConfig, phase: str) -> ts.OptimConfig:
                                decay_steps=cfg.optim.warmup_steps + 1, end_lr_fraction=1.0)
 
 
-def _train_config(cfg: RunConfig, models: Models, loss: str) -> ts.TrainConfig:
-    optim = phase_optim(cfg, "sft" if loss == "sft" else "opd")
-    return ts.TrainConfig(student=models.config_s, teacher=models.config_t, optim=optim,
-                          top_k=cfg.rollout.top_k, chunk_size=cfg.train.chunk_size,
-                          eos=models.eos, remat_layers=cfg.model.remat_layers, loss=loss,
-                          topk_support=cfg.train.topk_support,
+def _train_config(cfg: RunConfig, models: Models, plan: methods.StepPlan) -> ts.TrainConfig:
+    """The train step's settings for an update of `plan`: its phase's optimizer and its
+    objective (the run's, or the one the method sets for this phase)."""
+    objective = dataclasses.replace(cfg.objective, name=plan.objective_name(cfg.objective.name))
+    return ts.TrainConfig(student=models.config_s, teacher=models.config_t,
+                          optim=phase_optim(cfg, plan.phase), top_k=cfg.rollout.top_k,
+                          chunk_size=cfg.train.chunk_size, eos=models.eos,
+                          remat_layers=cfg.model.remat_layers, objective=objective,
                           microbatch_rows=cfg.train.microbatch_rows)
 
 
@@ -384,8 +399,13 @@ def _rollout_spec(cfg: RunConfig, models: Models, behavior: str) -> RolloutSpec:
                        solver=cfg.rollout.solver)
 
 
-def _needs_teacher(batch: ts.Batch, loss: str) -> bool:
-    return loss != "sft" and not batch.uses_stored_teacher
+# The plan whose train config initialises and restores the state (the OPD phase's optimizer;
+# both phases' AdamW states have one structure).
+_OPD_PLAN = methods.StepPlan(behavior="student")
+
+
+def _needs_teacher_forward(config: ts.TrainConfig, batch: ts.Batch) -> bool:
+    return ts.step_needs_teacher(config, batch) and not batch.uses_stored_teacher
 
 
 @functools.lru_cache(maxsize=32)
@@ -409,11 +429,10 @@ def _abstract_state(config: ts.TrainConfig) -> ts.TrainState:
     return jax.eval_shape(init)
 
 
-def _step_fn(run: _Run, loss: str, batch: ts.Batch):
+def _step_fn(config: ts.TrainConfig, run: _Run, batch: ts.Batch):
     leaves, treedef = jax.tree.flatten(batch)
     struct = (treedef, tuple((x.shape, x.dtype) for x in leaves))
-    return _jitted_step(_train_config(run.cfg, run.models, loss), run.mesh,
-                        _needs_teacher(batch, loss), struct)
+    return _jitted_step(config, run.mesh, _needs_teacher_forward(config, batch), struct)
 
 
 def _examples_to_prompts(run: _Run, examples) -> tuple[Prompts, list]:
@@ -470,11 +489,12 @@ def _one_update(run: _Run, k: int, pool: concurrent.futures.ThreadPoolExecutor) 
     plan = methods.plan_step(k, cfg.method)
     phase, phase_step = methods.optimizer_phase(k, cfg.method)
     if phase_step == 0 and k > 0:  # a new phase: fresh optimizer state, its schedule from 0
-        run.state = _fresh_optimizer(run, plan.loss)
+        run.state = _fresh_optimizer(run, plan)
     t0 = time.perf_counter()
     prompts, rows = _examples_to_prompts(run, next(run.stream))
     knobs = make_knobs(eps=plan.eps, tau=plan.tau, skd_k=plan.skd_k, skd_tau_t=plan.skd_tau_t,
-                       temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
+                       temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                       prefix_tokens=plan.prefix_tokens)
     keys = row_keys(jax.random.fold_in(run.rollout_key, k), np.arange(len(rows)))
     spec = _rollout_spec(cfg, models, plan.behavior)
     params_s, config_s = inference_student(run.state.params, models.config_s, run.mesh)
@@ -495,10 +515,11 @@ def _one_update(run: _Run, k: int, pool: concurrent.futures.ThreadPoolExecutor) 
     answers = [e.answer for e in rows]
     graded = pool.submit(run.grader.grade_batch, texts, answers, cfg.train.grader_timeout_s)
 
-    batch = make_batch(prompts, ro, plan)
-    step = _step_fn(run, plan.loss, batch)
+    train_config = _train_config(cfg, models, plan)
+    batch = make_batch(prompts, ro, plan, train_config)
+    step = _step_fn(train_config, run, batch)
     t2 = time.perf_counter()
-    teacher = run.params_t if _needs_teacher(batch, plan.loss) else None
+    teacher = run.params_t if _needs_teacher_forward(train_config, batch) else None
     run.state, step_metrics = step(run.state, batch, teacher)
     step_metrics = _fetch_tree(step_metrics)
     t3 = time.perf_counter()
@@ -520,7 +541,7 @@ def _one_update(run: _Run, k: int, pool: concurrent.futures.ThreadPoolExecutor) 
     metrics.update(rollout_metrics(ro_host, plan, rewards_b, step_metrics))
     tokens = float(ro_host["lengths_b"].sum())
     metrics.update({
-        "behavior": plan.behavior, "loss_kind": plan.loss,
+        "behavior": plan.behavior, "objective": train_config.objective.name,
         "time_rollout_s": t1 - t0, "time_update_s": t3 - t2,
         # grading overlaps the update; this is the wait left after the update finished
         "time_scoring_s": (t2 - t1) + (t4 - t3),
@@ -529,8 +550,8 @@ def _one_update(run: _Run, k: int, pool: concurrent.futures.ThreadPoolExecutor) 
     return metrics
 
 
-def _fresh_optimizer(run: _Run, loss: str) -> ts.TrainState:
-    config = _train_config(run.cfg, run.models, loss)
+def _fresh_optimizer(run: _Run, plan: methods.StepPlan) -> ts.TrainState:
+    config = _train_config(run.cfg, run.models, plan)
     tx, _ = ts.make_optimizer(config.optim)
     shardings = ts.state_shardings(config, run.mesh, run.state)
 
@@ -634,7 +655,7 @@ def _setup(cfg: RunConfig, workdir: str) -> tuple[_Run, int]:
     eval_sets = [(ds, evaluation.load_eval_problems(ds)) for ds in cfg.eval.datasets]
 
     models = load_models(cfg.model, tokenizers, mesh=mesh)
-    train_cfg = _train_config(cfg, models, "opd")
+    train_cfg = _train_config(cfg, models, _OPD_PLAN)
     root = jax.random.key(cfg.train.seed)
     init_key, rollout_key, eval_key = jax.random.split(root, 3)
 
@@ -767,9 +788,8 @@ def _loop(run: _Run, start: int, total: int, pool, primary: bool) -> list[dict[s
             if writer is not None and (k % cfg.train.log_every == 0 or done == total):
                 logged.append(writer.write(k, metrics))
             _maybe_inject_crash(k)
-            m = cfg.method
-            if (m.name == "sft_warmup" and done <= m.sft_steps
-                    and done in m.sft_checkpoints):
+            # the student after `done` updates of the SFT phase, at the requested counts
+            if methods.plan_step(k, cfg.method).phase == "sft" and done in cfg.method.sft_checkpoints:
                 _save_sft_checkpoint(run, done)
             if _eval_due(cfg, done, total):
                 results = _evaluate(run, done)
@@ -800,7 +820,7 @@ def evaluate_run(cfg: RunConfig, workdir: str, *, step: int | None = None,
     mesh = make_mesh(cfg.mesh)
     models = load_models(model_cfg, mesh=mesh)
     if student is None:
-        train_cfg = _train_config(cfg, models, "opd")
+        train_cfg = _train_config(cfg, models, _OPD_PLAN)
         init = functools.partial(ts.init_train_state, config=train_cfg, rng=jax.random.key(0))
         abstract = jax.eval_shape(init, models.params_s)
         manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"))

@@ -353,13 +353,16 @@ def jax_train_step(pair: dict[str, Any], args: argparse.Namespace) -> dict[str, 
     import jax.numpy as jnp
     import optax
 
+    from trb_jax import objectives
     from trb_jax import train_step as ts
 
     s, t = pair["s_jax"], pair["t_jax"]
     optim = ts.OptimConfig(peak_lr=args.lr, warmup_steps=args.warmup_steps, decay_steps=args.decay_steps,
                            weight_decay=args.weight_decay, clip_norm=args.clip_norm)  # fmt: skip
+    support = "unrenormalized" if args.no_renormalize else "renormalized"
     config = ts.TrainConfig(student=s.config, teacher=t.config, optim=optim, top_k=args.top_k,
-                            chunk_size=args.chunk_size, renormalize=not args.no_renormalize, eos=pair["eos"])  # fmt: skip
+                            chunk_size=args.chunk_size, eos=pair["eos"],
+                            objective=objectives.ObjectiveConfig(name="opd", topk_support=support))  # fmt: skip
     ids, mask = jnp.asarray(pair["ids"]), jnp.asarray(pair["mask"])
     batch = ts.Batch(input_ids_bs=ids, attention_mask_bs=mask,
                      response_mask_bt=jnp.asarray(pair["response_mask"]),
@@ -372,14 +375,14 @@ def jax_train_step(pair: dict[str, Any], args: argparse.Namespace) -> dict[str, 
         teacher_x = ts.teacher_response_hidden(teacher_params, config, batch)
         x = ts.response_hidden(ts.hidden_states(params, config.student, batch.input_ids_bs,
                                                 batch.attention_mask_bs), n)  # fmt: skip
-        per_bt, scores = ts.chunked_token_loss(
-            ts.lm_head(params, config.student), x, batch.input_ids_bs[:, -n:], loss="opd",
-            chunk_size=config.chunk_size, vocab_chunk_size=config.vocab_chunk_size, top_k=config.top_k,
-            renormalize=config.renormalize, eos=config.eos,
+        per_bt, _, scores = ts.chunked_token_loss(
+            ts.lm_head(params, config.student), x, batch.input_ids_bs[:, -n:],
+            objective=config.objective, chunk_size=config.chunk_size,
+            vocab_chunk_size=config.vocab_chunk_size, top_k=config.top_k, eos=config.eos,
             teacher=ts.lm_head(teacher_params, config.teacher), teacher_x_btd=teacher_x,
         )  # fmt: skip
-        z_s = ts.qwen3_head(params, config.student)(x)  # raw response logits, float32
-        z_t = ts.qwen3_head(teacher_params, config.teacher)(teacher_x)
+        z_s = ts.lm_head(params, config.student)(x)  # raw response logits, float32
+        z_t = ts.lm_head(teacher_params, config.teacher)(teacher_x)
         return per_bt, scores["ids_btm"], z_s, z_t
 
     per_bt, ids_btk, z_s, z_t = per_token(s.params, t.params)
