@@ -20,7 +20,7 @@ from trb_jax import losses
 from trb_jax.errors import ConfigError
 from trb_jax.methods import MethodConfig
 from trb_jax.models import attention as attention_lib
-from trb_jax.train_step import OptimConfig
+from trb_jax.optim import OptimConfig
 
 __all__ = [
     "ConfigError",
