@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from fake_devices import run_on_fake_devices
-from trb_jax import sharding
+from trb_jax import rollout, sharding
 from trb_jax.models import qwen3
 
 MESH_SHAPE = {"data": 2, "fsdp": 2, "tensor": 2}
@@ -201,6 +201,16 @@ def test_mesh_shape_resolution_and_rule_overrides():
     sh = qwen3.kv_cache_shardings(mesh, cache)
     assert sh.k_lbskh.spec == P(None, ("data", "fsdp"), None, "tensor", None)
     assert sh.valid_bs.spec == P(("data", "fsdp"), None) and sh.index.spec == P()
+    sds = jax.ShapeDtypeStruct
+    state = rollout.DecodeState(
+        step=sds((), jnp.int32), done_b=sds((8,), bool), token_b=sds((8,), jnp.int32),
+        s_logits_bv=sds((8, 128), jnp.float32), t_logits_bv=None, s_cache=cache, t_cache=None,
+        rng_b=sds((8, 2), jnp.uint32), out={"tokens_bt": sds((8, 6), jnp.int32)})  # fmt: skip
+    dsh = rollout.decode_state_shardings(mesh, state)
+    assert dsh.s_cache.k_lbskh.spec == sh.k_lbskh.spec and dsh.t_cache is None
+    assert dsh.s_logits_bv.spec == P(("data", "fsdp"), "tensor") and dsh.t_logits_bv is None
+    assert dsh.step.spec == P() and dsh.done_b.spec == P(("data", "fsdp"))
+    assert dsh.out["tokens_bt"].spec == P(("data", "fsdp"), None)
 
 
 def _eight_device_train_step_check():
