@@ -205,7 +205,7 @@ def sharded_memory() -> list[dict]:
         cfg = dataclasses.replace(qwen3.qwen3_0p6b, num_layers=2, attention=impl)
         abstract = jax.eval_shape(lambda: qwen3.init_params(cfg, jax.random.key(0)))
         params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                              abstract, sharding.param_shardings(cfg, mesh))
+                              abstract, qwen3.param_shardings(cfg, mesh))
         ids = jax.ShapeDtypeStruct((8, s), jnp.int32, sharding=NamedSharding(mesh, P(("data", "fsdp"))))
 
         def loss(params, ids):

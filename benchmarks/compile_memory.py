@@ -146,7 +146,7 @@ def build(run_cfg, hw: Hardware, args, policy: str) -> dict:
     # Rollout: a compute-dtype copy of the student placed like the teacher (trainer.inference_student).
     s_inf = student.with_dtype(compute, compute)
     params_s = jax.eval_shape(lambda: qwen3.init_params(s_inf, key))
-    params_s = _abstract(params_s, sharding.param_shardings(s_inf, mesh, rules=sharding.INFERENCE_AXIS_RULES))
+    params_s = _abstract(params_s, qwen3.param_shardings(s_inf, mesh, rules=sharding.INFERENCE_AXIS_RULES))
     prompts = rollout_lib.Prompts(sd((R, P), i32), sd((R, P), i32), sd((R, P), i32), sd((R, P), i32))
     prompts = _abstract(prompts, sharding.batch_tree_shardings(mesh, prompts))
     rng_b = jax.eval_shape(lambda: rollout_lib.row_keys(key, jnp.arange(R)))
@@ -157,7 +157,7 @@ def build(run_cfg, hw: Hardware, args, policy: str) -> dict:
     kw = dict(student_config=s_inf, teacher_config=teacher, spec=spec)
     with jax.set_mesh(mesh):
         dstate = jax.eval_shape(functools.partial(rollout_lib._start, **kw), params_s, params_t, prompts, rng_b, knobs)
-    dstate = _abstract(dstate, sharding.decode_state_shardings(mesh, dstate))
+    dstate = _abstract(dstate, rollout_lib.decode_state_shardings(mesh, dstate))
     progs["prefill"] = (rollout_lib._start, (params_s, params_t, prompts, rng_b, knobs), kw)
     progs["decode"] = (rollout_lib._decode, (params_s, params_t, dstate, knobs), kw)
     info = {"mesh": dict(mesh.shape), "microbatch_rows": mb, "rows_per_microbatch_shard": mb // (data * fsdp),

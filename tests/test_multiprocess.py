@@ -44,6 +44,7 @@ def _fresh_state(cfg):
 def _worker() -> None:
     """One of the two processes (environment set by the test)."""
     from trb_jax import distributed, sharding
+    from trb_jax.models import qwen3
 
     # Cross-process collectives on CPU (the default in this jax; said explicitly, before start-up).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -54,7 +55,7 @@ def _worker() -> None:
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     state_sh = ts.state_shardings(cfg, mesh, jax.eval_shape(lambda: _fresh_state(cfg)))
     state = sharding.init_sharded(lambda: _fresh_state(cfg), out_shardings=state_sh)
-    teacher_sh = sharding.param_shardings(SMALL_T, mesh, rules=sharding.INFERENCE_AXIS_RULES)
+    teacher_sh = qwen3.param_shardings(SMALL_T, mesh, rules=sharding.INFERENCE_AXIS_RULES)
     params_t = sharding.init_sharded(lambda: small_params(SMALL_T, 2), out_shardings=teacher_sh)
 
     losses = []

@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from fake_devices import run_on_fake_devices
-from trb_jax import sharding
+from trb_jax import rollout, sharding
 from trb_jax.models import qwen3
 
 MESH_SHAPE = {"data": 2, "fsdp": 2, "tensor": 2}
@@ -198,9 +198,19 @@ def test_mesh_shape_resolution_and_rule_overrides():
                           jax.ShapeDtypeStruct((8, 12), bool), jax.ShapeDtypeStruct((8,), jnp.int32),
                           jax.ShapeDtypeStruct((), jnp.int32))  # fmt: skip
     mesh = sharding.make_mesh()
-    sh = sharding.kv_cache_shardings(mesh, cache)
+    sh = qwen3.kv_cache_shardings(mesh, cache)
     assert sh.k_lbskh.spec == P(None, ("data", "fsdp"), None, "tensor", None)
     assert sh.valid_bs.spec == P(("data", "fsdp"), None) and sh.index.spec == P()
+    sds = jax.ShapeDtypeStruct
+    state = rollout.DecodeState(
+        step=sds((), jnp.int32), done_b=sds((8,), bool), token_b=sds((8,), jnp.int32),
+        s_logits_bv=sds((8, 128), jnp.float32), t_logits_bv=None, s_cache=cache, t_cache=None,
+        rng_b=sds((8, 2), jnp.uint32), out={"tokens_bt": sds((8, 6), jnp.int32)})  # fmt: skip
+    dsh = rollout.decode_state_shardings(mesh, state)
+    assert dsh.s_cache.k_lbskh.spec == sh.k_lbskh.spec and dsh.t_cache is None
+    assert dsh.s_logits_bv.spec == P(("data", "fsdp"), "tensor") and dsh.t_logits_bv is None
+    assert dsh.step.spec == P() and dsh.done_b.spec == P(("data", "fsdp"))
+    assert dsh.out["tokens_bt"].spec == P(("data", "fsdp"), None)
 
 
 def _eight_device_train_step_check():
@@ -223,7 +233,7 @@ def _eight_device_train_step_check():
 
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     state_sh = ts.state_shardings(cfg, mesh, jax.eval_shape(fresh))
-    teacher_sh = sharding.param_shardings(SMALL_T, mesh, rules=sharding.INFERENCE_AXIS_RULES)
+    teacher_sh = qwen3.param_shardings(SMALL_T, mesh, rules=sharding.INFERENCE_AXIS_RULES)
     params_t_sh = jax.device_put(params_t, teacher_sh)
     assert params_t_sh["layers"]["q_dnh"].sharding.spec == P(None, None, "tensor", None)
     for mode, batch in batches.items():
@@ -255,7 +265,7 @@ def _eight_device_rollout_check():
     assert jax.device_count() == 8
     params_s, params_t = small_params(SMALL_S, 1), small_params(SMALL_T, 2)
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-    params_t_sh = jax.device_put(params_t, sharding.param_shardings(SMALL_T, mesh, rules=sharding.INFERENCE_AXIS_RULES))
+    params_t_sh = jax.device_put(params_t, qwen3.param_shardings(SMALL_T, mesh, rules=sharding.INFERENCE_AXIS_RULES))
     # The TRB rollout: same tokens, same per-token statistics.
     eos = EosMap.from_ids([1, 2], [3], stop_id=1)
     spec = R.RolloutSpec("trb", 6, eos, 2, 3, top_k=SK)
@@ -267,7 +277,7 @@ def _eight_device_rollout_check():
     knobs = behaviors.make_knobs(eps=0.05)
     kw = dict(student_config=SMALL_S, teacher_config=SMALL_T, spec=spec)
     want_r = jax.tree.map(np.asarray, R.rollout(params_s, params_t, prompts, keys, knobs, **kw))
-    student_sh = sharding.param_shardings(SMALL_S, mesh)
+    student_sh = qwen3.param_shardings(SMALL_S, mesh)
     with jax.set_mesh(mesh):
         got_r = R.rollout(jax.device_put(params_s, student_sh), params_t_sh,
                           jax.device_put(prompts, sharding.batch_tree_shardings(mesh, prompts)),
@@ -299,7 +309,7 @@ def _eight_device_memory_and_loading_check():
     # Shape-first init over pure FSDP: each device holds ~1/8 of the parameter bytes.
     mesh = sharding.make_mesh(fsdp=-1)
     init = lambda k: qwen3.init_params(SMALL_S, k)  # noqa: E731
-    params = sharding.init_sharded(init, jax.random.key(0), out_shardings=sharding.param_shardings(SMALL_S, mesh))
+    params = sharding.init_sharded(init, jax.random.key(0), out_shardings=qwen3.param_shardings(SMALL_S, mesh))
     per_device = sharding.per_device_bytes(params)
     total = sum(x.nbytes for x in jax.tree.leaves(params))
     replicated = sum(x.nbytes for x in jax.tree.leaves(params) if x.sharding.is_fully_replicated)
@@ -321,7 +331,7 @@ def _eight_device_memory_and_loading_check():
             whole = checkpoint.from_pretrained(tmp, dtype=dtype)
             mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
             got = checkpoint.from_pretrained(tmp, dtype=dtype, mesh=mesh, rules=rules)
-            want_sh = sharding.param_shardings(config, mesh, rules=rules)
+            want_sh = qwen3.param_shardings(config, mesh, rules=rules)
             for g, w, s in zip(jax.tree.leaves(got.params), jax.tree.leaves(whole.params), jax.tree.leaves(want_sh)):
                 assert g.sharding == s and g.dtype == w.dtype
                 np.testing.assert_array_equal(np.asarray(g).astype(np.float32), np.asarray(w).astype(np.float32))
@@ -340,7 +350,7 @@ def _eight_device_memory_and_loading_check():
                 read[name] = read.get(name, 0) + block.size
                 return block
 
-            checkpoint.sharded_params_from_hf(shapes, load_slice, SMALL_S, sharding.param_shardings(SMALL_S, mesh))
+            checkpoint.sharded_params_from_hf(shapes, load_slice, SMALL_S, qwen3.param_shardings(SMALL_S, mesh))
         for name, shape in shapes.items():
             assert read[name] == int(np.prod(shape)), (name, read[name], shape)
     print("EIGHT_DEVICE_MEMORY_LOADING_OK")

@@ -15,12 +15,14 @@ from typing import Any
 
 import ml_collections
 
+from trb_jax import config_files
 from trb_jax import data as data_lib
 from trb_jax import objectives
+from trb_jax.config_files import load_config_file  # re-exported: config.load_config_file
 from trb_jax.errors import ConfigError
 from trb_jax.methods import MethodConfig
 from trb_jax.models import attention as attention_lib
-from trb_jax.train_step import OptimConfig
+from trb_jax.optim import OptimConfig
 
 __all__ = [
     "ConfigError",
@@ -373,22 +375,6 @@ def to_run_config(cd: ml_collections.ConfigDict, *, workdir: str | None = None) 
                      method=method, objective=objective, optim=optim, train=train, eval=ev, mesh=mesh)
 
 
-def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    """`get_config(arg)` of a config file (what --config=PATH[:ARG] does on the command line)."""
-    import importlib.util
-    import os
-
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
-    spec = importlib.util.spec_from_file_location(
-        "trb_config_" + os.path.splitext(os.path.basename(path))[0], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg is not None else module.get_config()
-
-
 def repo_config_path(name: str) -> str:
     """configs/<name>.py of this checkout, or of the installed package (trb_jax.config_files)."""
-    from trb_jax import config_files
-
     return config_files.find(f"{name}.py") or f"{config_files.CONFIG_DIR}/{name}.py"

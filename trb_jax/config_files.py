@@ -10,17 +10,31 @@ as `trb_jax.configs` (pyproject.toml), so a command written for a checkout,
    pyproject.toml);
 3. the installed package `trb_jax.configs`.
 
-A path found nowhere is returned unchanged, so the error names what the user typed. Kept free of
-heavy imports: the CLIs call `resolve_argv` before absl parses the flags.
+A path found nowhere is returned unchanged, so the error names what the user typed.
+
+`load_config_file` builds a file's ConfigDict; `config_flags_parser` is the CLIs' absl flags
+parser, which reports a config that does not parse (or an override of a field that does not
+exist) as one line. Kept free of heavy imports: the CLIs call `resolve_argv` before absl parses
+the flags.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.resources
 import importlib.util
 import os
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["CONFIG_DIR", "resolve", "resolve_argv", "find"]
+from trb_jax.errors import ConfigError, die
+
+if TYPE_CHECKING:
+    import ml_collections
+
+__all__ = ["CONFIG_DIR", "resolve", "resolve_argv", "find", "load_config_file",
+           "config_flags_parser"]
 
 CONFIG_DIR = "configs"
 
@@ -71,3 +85,87 @@ def resolve_argv(argv: list[str]) -> list[str]:
         elif a == "--config" and i + 1 < len(out):
             out[i + 1] = _resolve_flag_value(out[i + 1])
     return out
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of a config file (what --config=PATH[:ARG] does on the command line)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location(
+        "trb_config_" + os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg is not None else module.get_config()
+
+
+# ---------------------------------------------------------------------------------------------
+# absl + ml_collections flags: one line for a config that does not parse
+
+
+_OVERRIDE = re.compile(r"^--(?P<flag>[A-Za-z_]\w*)\.(?P<path>[\w.]+)(=.*)?$")
+
+
+def _config_value(argv: Sequence[str], flag: str):
+    """The ConfigDict of `--flag=PATH[:ARG]` in argv, built again (None if it does not build)."""
+    for arg in argv[1:]:
+        if arg.startswith(f"--{flag}="):
+            path, _, rest = arg.split("=", 1)[1].partition(":")
+            try:
+                return load_config_file(path, rest or None)
+            except Exception:  # noqa: BLE001  (the file itself is broken: another message)
+                return None
+    return None
+
+
+def _unknown_override(argv: Sequence[str]) -> str | None:
+    """A message for the first `--config.a.b=...` whose field does not exist, else None."""
+    configs: dict[str, Any] = {}
+    for arg in argv[1:]:
+        m = _OVERRIDE.match(arg)
+        if not m:
+            continue
+        if m["flag"] not in configs:
+            configs[m["flag"]] = _config_value(argv, m["flag"])
+        cd = configs[m["flag"]]
+        if cd is None:
+            continue
+        parts = m["path"].split(".")
+        for i, part in enumerate(parts):
+            keys = list(cd.keys()) if hasattr(cd, "keys") else []
+            if part not in keys:
+                field = ".".join(parts[:i + 1])
+                close = difflib.get_close_matches(part, keys, n=1)
+                hint = f"; did you mean '{'.'.join(parts[:i] + close)}'?" if close else ""
+                return f"--{m['flag']}.{m['path']}: unknown config field '{field}'{hint}"
+            cd = cd[part]
+    return None
+
+
+def _without_traceback(text: str) -> str:
+    """"flag --config=...: Error whilst parsing config file: Traceback ... ValueError: msg" ->
+    the text before the traceback and its last line."""
+    head, sep, tail = str(text).partition("Traceback (most recent call last):")
+    if not sep:
+        return str(text)
+    last = [line for line in tail.strip().splitlines() if line.strip()][-1].strip()
+    return f"{head.strip()} {last}"
+
+
+def config_flags_parser(argv: Sequence[str]) -> list[str]:
+    """absl `flags_parser` for the CLIs: a flag or config that does not parse is one line.
+
+    ml_collections raises plain exceptions (AttributeError for an unknown override, whatever the
+    config file's get_config raises for a bad argument), which absl would print with a long
+    traceback.
+    """
+    from absl import flags
+
+    try:
+        return flags.FLAGS(list(argv))
+    except flags.Error as e:
+        message = _unknown_override(argv) or _without_traceback(str(e))
+        die(f"config error: {message}")
+    except Exception as e:  # noqa: BLE001  (ml_collections: AttributeError for an unknown field)
+        message = _unknown_override(argv) or _without_traceback(f"{type(e).__name__}: {e}")
+        die(f"config error: {message}")
+    return []  # unreachable

@@ -11,18 +11,16 @@ traceback.
     raise DataError(f"{path}:{line}: field 'answer' is null")
 
     if __name__ == "__main__":
-        app.run(cli_main(main), flags_parser=config_flags_parser)   # absl tools
+        app.run(cli_main(main), flags_parser=config_flags_parser)   # absl tools (config_files)
         cli_main(main)()                                            # argparse tools
 """
 
 from __future__ import annotations
 
-import difflib
 import functools
 import os
-import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 __all__ = [
@@ -34,7 +32,7 @@ __all__ = [
     "NonFiniteError",
     "one_line",
     "cli_main",
-    "config_flags_parser",
+    "die",
     "check_writable",
     "atomic_write",
     "EXIT_CODE",
@@ -84,7 +82,8 @@ def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _die(message: str) -> None:
+def die(message: str) -> None:
+    """Prints `message` as one line on stderr and exits with EXIT_CODE."""
     print(one_line(message), file=sys.stderr, flush=True)
     sys.exit(EXIT_CODE)
 
@@ -97,86 +96,11 @@ def cli_main(main: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return main(*args, **kwargs)
         except UserError as e:
-            _die(f"{e.kind}: {e}")
+            die(f"{e.kind}: {e}")
         except OSError as e:  # permission denied, no space left, missing file: names the path
-            _die(f"file system error: {e}")
+            die(f"file system error: {e}")
 
     return wrapped
-
-
-# ---------------------------------------------------------------------------------------------
-# absl + ml_collections flags: one line for a config that does not parse
-
-
-_OVERRIDE = re.compile(r"^--(?P<flag>[A-Za-z_]\w*)\.(?P<path>[\w.]+)(=.*)?$")
-
-
-def _config_value(argv: Sequence[str], flag: str):
-    """The ConfigDict of `--flag=PATH[:ARG]` in argv, built again (None if it does not build)."""
-    for arg in argv[1:]:
-        if arg.startswith(f"--{flag}="):
-            path, _, rest = arg.split("=", 1)[1].partition(":")
-            try:
-                from trb_jax.config import load_config_file
-
-                return load_config_file(path, rest or None)
-            except Exception:  # noqa: BLE001  (the file itself is broken: another message)
-                return None
-    return None
-
-
-def _unknown_override(argv: Sequence[str]) -> str | None:
-    """A message for the first `--config.a.b=...` whose field does not exist, else None."""
-    configs: dict[str, Any] = {}
-    for arg in argv[1:]:
-        m = _OVERRIDE.match(arg)
-        if not m:
-            continue
-        if m["flag"] not in configs:
-            configs[m["flag"]] = _config_value(argv, m["flag"])
-        cd = configs[m["flag"]]
-        if cd is None:
-            continue
-        parts = m["path"].split(".")
-        for i, part in enumerate(parts):
-            keys = list(cd.keys()) if hasattr(cd, "keys") else []
-            if part not in keys:
-                field = ".".join(parts[:i + 1])
-                close = difflib.get_close_matches(part, keys, n=1)
-                hint = f"; did you mean '{'.'.join(parts[:i] + close)}'?" if close else ""
-                return f"--{m['flag']}.{m['path']}: unknown config field '{field}'{hint}"
-            cd = cd[part]
-    return None
-
-
-def _without_traceback(text: str) -> str:
-    """"flag --config=...: Error whilst parsing config file: Traceback ... ValueError: msg" ->
-    the text before the traceback and its last line."""
-    head, sep, tail = str(text).partition("Traceback (most recent call last):")
-    if not sep:
-        return str(text)
-    last = [line for line in tail.strip().splitlines() if line.strip()][-1].strip()
-    return f"{head.strip()} {last}"
-
-
-def config_flags_parser(argv: Sequence[str]) -> list[str]:
-    """absl `flags_parser` for the CLIs: a flag or config that does not parse is one line.
-
-    ml_collections raises plain exceptions (AttributeError for an unknown override, whatever the
-    config file's get_config raises for a bad argument), which absl would print with a long
-    traceback.
-    """
-    from absl import flags
-
-    try:
-        return flags.FLAGS(list(argv))
-    except flags.Error as e:
-        message = _unknown_override(argv) or _without_traceback(str(e))
-        _die(f"config error: {message}")
-    except Exception as e:  # noqa: BLE001  (ml_collections: AttributeError for an unknown field)
-        message = _unknown_override(argv) or _without_traceback(f"{type(e).__name__}: {e}")
-        _die(f"config error: {message}")
-    return []  # unreachable
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from trb_jax.errors import (CheckpointError, ConfigError, atomic_write, check_writable, cli_main,
-                            config_flags_parser)
+from trb_jax.config_files import config_flags_parser, resolve_argv
+from trb_jax.errors import CheckpointError, ConfigError, atomic_write, check_writable, cli_main
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/FILE.py[:ARGS]",
                                           lock_config=True)
@@ -61,6 +61,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from trb_jax.config_files import resolve_argv  # configs/ of the checkout or the install
-
+    # resolve_argv: a configs/ path is found in the working directory, the checkout or the install.
     app.run(cli_main(main), argv=resolve_argv(sys.argv), flags_parser=config_flags_parser)

@@ -31,7 +31,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
+from trb_jax import sharding
 from trb_jax.behaviors import (BEHAVIORS, BLEND_BEHAVIORS, NEEDS_TEACHER, Knobs, make_knobs,
                                process_logits)
 from trb_jax.blending import EosMap, merge_eos, stop_to_native
@@ -43,6 +45,7 @@ __all__ = [
     "Prompts",
     "Rollout",
     "DecodeState",
+    "decode_state_shardings",
     "bucket_length",
     "pad_prompts",
     "row_keys",
@@ -161,6 +164,35 @@ class DecodeState:
     t_cache: qwen3.KVCache | None
     rng_b: jax.Array
     out: Rollout
+
+
+def decode_state_shardings(mesh: Mesh, state: DecodeState) -> DecodeState:
+    """NamedShardings for a DecodeState (arrays or abstract): both KV caches by
+    `qwen3.kv_cache_shardings`, the next-token logits [B, V] by (batch, vocab), every other
+    [B, ...] field by rows, scalars replicated."""
+    mesh_shape = dict(mesh.shape)
+
+    def logits(x):
+        if x is None:
+            return None
+        spec = sharding.logical_to_spec(("batch", "vocab"), x.shape, mesh_shape)
+        return NamedSharding(mesh, spec)
+
+    def cache(c):
+        return None if c is None else qwen3.kv_cache_shardings(mesh, c)
+
+    rows = functools.partial(sharding.batch_tree_shardings, mesh)
+    return state.replace(
+        step=sharding.replicated(mesh),
+        done_b=rows(state.done_b),
+        token_b=rows(state.token_b),
+        s_logits_bv=logits(state.s_logits_bv),
+        t_logits_bv=logits(state.t_logits_bv),
+        s_cache=cache(state.s_cache),
+        t_cache=cache(state.t_cache),
+        rng_b=rows(state.rng_b),
+        out=rows(state.out),
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Every parameter and the main activations carry *logical* axis names ("embed", "heads", ...).
 `LOGICAL_AXIS_RULES` is the single place that says which *mesh* axes ("data", "fsdp", "tensor")
 each logical axis is split over. Models never name mesh axes; they call `constrain` on
-activations and publish a logical-axes pytree for their parameters.
+activations and publish a logical-axes pytree for their parameters (and the shardings built
+from it: `qwen3.param_shardings`). This module knows no model, so models can import it.
 
 Mesh axes:
   data    pure data parallelism (batch split, parameters replicated).
@@ -18,7 +19,8 @@ What goes where (LOGICAL_AXIS_RULES; docs/scaling.md has the memory plan):
                      over tensor). Use the training rules instead when the teacher does not fit
                      replicated (`tree_shardings(..., rules=LOGICAL_AXIS_RULES)`).
   KV caches          [layers, batch, cache_length, kv_heads, head_dim]: rows over (data, fsdp),
-                     KV heads over tensor (kv_cache_shardings, decode_state_shardings).
+                     KV heads over tensor (qwen3.kv_cache_shardings,
+                     rollout.decode_state_shardings).
   batches, prompts,  rows over (data, fsdp), the rest replicated (batch_tree_shardings).
   rollout outputs
 """
@@ -30,7 +32,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MeshAxes = str | tuple[str, ...] | None
@@ -192,19 +193,6 @@ def tree_shardings(
     )
 
 
-def param_shardings(
-    config: Any, mesh: Mesh, *, rules: Sequence[tuple[str, MeshAxes]] = LOGICAL_AXIS_RULES
-) -> Any:
-    """NamedShardings of a Qwen3 params pytree for `config` (from shapes only, no memory)."""
-    from trb_jax.models import qwen3  # qwen3 imports this module
-
-    shapes = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s, jnp.float32), qwen3.param_shapes(config),
-        is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(i, int) for i in x),
-    )  # fmt: skip
-    return tree_shardings(qwen3.param_logical_axes(config), mesh, shapes, rules=rules)
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
@@ -227,41 +215,6 @@ def batch_tree_shardings(mesh: Mesh, tree: Any) -> Any:
     return jax.tree.map(one, tree)
 
 
-def kv_cache_shardings(mesh: Mesh, cache: Any) -> Any:
-    """NamedShardings for a qwen3.KVCache (arrays or abstract): rows over the batch axes, KV
-    heads over tensor (when they divide), layers / cache slots / head_dim whole."""
-    from trb_jax.models import qwen3
-
-    return tree_shardings(qwen3.kv_cache_logical_axes(), mesh, cache)
-
-
-def decode_state_shardings(mesh: Mesh, state: Any) -> Any:
-    """NamedShardings for a rollout.DecodeState: both KV caches by `kv_cache_shardings`, the
-    next-token logits [B, V] by (batch, vocab), every other [B, ...] field by rows, scalars
-    replicated."""
-    mesh_shape = dict(mesh.shape)
-
-    def logits(x):
-        if x is None:
-            return None
-        return NamedSharding(mesh, logical_to_spec(("batch", "vocab"), x.shape, mesh_shape))
-
-    def cache(c):
-        return None if c is None else kv_cache_shardings(mesh, c)
-
-    return state.replace(
-        step=replicated(mesh),
-        done_b=batch_tree_shardings(mesh, state.done_b),
-        token_b=batch_tree_shardings(mesh, state.token_b),
-        s_logits_bv=logits(state.s_logits_bv),
-        t_logits_bv=logits(state.t_logits_bv),
-        s_cache=cache(state.s_cache),
-        t_cache=cache(state.t_cache),
-        rng_b=batch_tree_shardings(mesh, state.rng_b),
-        out=batch_tree_shardings(mesh, state.out),
-    )
-
-
 def init_sharded(
     init_fn: Callable[..., Any],
     *args: Any,
@@ -275,7 +228,7 @@ def init_sharded(
     so nothing of full size is ever materialised on one device. Examples:
 
         params = init_sharded(lambda k: qwen3.init_params(cfg, k), key,
-                              out_shardings=param_shardings(cfg, mesh))
+                              out_shardings=qwen3.param_shardings(cfg, mesh))
         state = init_sharded(lambda p: ts.init_train_state(p, tcfg, rng), params,
                              out_shardings=lambda a: ts.state_shardings(tcfg, mesh, a),
                              donate_argnums=0)

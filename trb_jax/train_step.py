@@ -48,27 +48,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from trb_jax import losses, objectives, sharding
 from trb_jax.blending import EosMap, merge_eos
 from trb_jax.models import qwen3
+# Re-exported: callers know the optimizer as ts.OptimConfig / ts.make_optimizer / ts.make_schedule.
+from trb_jax.optim import OptimConfig, make_optimizer, make_schedule  # noqa: F401
 
 Params = Any
 
 
 # ---------------------------------------------------------------------------------------------
 # Configuration, state, batch
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    """AdamW with linear warmup + cosine decay to `end_lr_fraction` and global-norm clipping."""
-
-    peak_lr: float = 1e-6
-    warmup_steps: int = 0
-    decay_steps: int = 1000
-    end_lr_fraction: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    clip_norm: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,34 +191,6 @@ def step_supports(config: TrainConfig, batch: Batch) -> tuple[str, ...]:
 def step_needs_teacher(config: TrainConfig, batch: Batch) -> bool:
     """Whether the step reads teacher log-probs (stored or from a teacher forward)."""
     return config.objective_spec.needs_teacher or batch.prefix_mask_bt is not None
-
-
-def make_schedule(optim: OptimConfig) -> optax.Schedule:
-    """lr of update k (0-based): peak (k + 1) / W for k < W = warmup_steps (update 0 learns;
-    the last warmup update is at the peak), then cosine decay from the peak at k = W to
-    peak * end_lr_fraction at k = decay_steps, and that floor after."""
-    peak, w = optim.peak_lr, optim.warmup_steps
-    cosine = optax.cosine_decay_schedule(peak, max(optim.decay_steps - w, 1),
-                                         alpha=optim.end_lr_fraction)
-    if w == 0:
-        return cosine
-
-    def schedule(count):
-        warm = peak * (jnp.asarray(count, jnp.float32) + 1.0) / w
-        return jnp.where(count < w, warm, cosine(jnp.maximum(count - w, 0)))
-
-    return schedule
-
-
-def make_optimizer(optim: OptimConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """(clip_by_global_norm -> adamw(schedule), schedule); schedule: `make_schedule`."""
-    schedule = make_schedule(optim)
-    tx = optax.chain(
-        optax.clip_by_global_norm(optim.clip_norm),
-        optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                    weight_decay=optim.weight_decay),
-    )  # fmt: skip
-    return tx, schedule
 
 
 def init_train_state(params: Params, config: TrainConfig, rng: jax.Array) -> TrainState:

@@ -203,7 +203,7 @@ def _compute_cast(config: qwen3.Qwen3Config, mesh: Mesh):
     """jit: the student's params -> a copy in its compute dtype, placed like the teacher
     (INFERENCE_AXIS_RULES) for the rollout and evaluation: a decode step then reads bf16
     weights and never all-gathers them."""
-    out = sharding.param_shardings(config, mesh, rules=sharding.INFERENCE_AXIS_RULES)
+    out = qwen3.param_shardings(config, mesh, rules=sharding.INFERENCE_AXIS_RULES)
     dtype = qwen3.DTYPES[config.compute_dtype]
     return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p), out_shardings=out)
 

@@ -39,6 +39,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from trb_jax.sharding import logical_to_spec
+
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "splash")
 
 DEFAULT_BLOCK_SIZE = 512  # query and key block of "blockwise" (and of the decode loop)
@@ -302,8 +304,6 @@ def splash_attention(q_btnh, k_btkh, v_btkh, valid_bt, *, block_size: int = DEFA
     local = functools.partial(_splash_local, size=size, interpret=interpret)
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty:
-        from trb_jax.sharding import logical_to_spec
-
         spec_q = logical_to_spec(("batch", None, "kv_heads", None, None), q_btkgh.shape, dict(mesh.shape))
         spec_kv = jax.sharding.PartitionSpec(*spec_q[:3], None)
         spec_seg = jax.sharding.PartitionSpec(spec_q[0], None)

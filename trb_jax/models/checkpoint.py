@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from trb_jax import errors
+from trb_jax import sharding as sharding_lib
 from trb_jax.models import qwen3
 
 SAFETENSORS_FILE = "model.safetensors"
@@ -421,9 +422,7 @@ def from_pretrained(
                 handles[name] = handle
                 shapes[name] = tuple(handle.get_slice(name).get_shape())
         if shardings is None and mesh is not None:
-            from trb_jax import sharding as sharding_lib
-
-            shardings = sharding_lib.param_shardings(
+            shardings = qwen3.param_shardings(
                 config, mesh, rules=rules or sharding_lib.LOGICAL_AXIS_RULES
             )
         if shardings is None:

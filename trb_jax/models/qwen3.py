@@ -30,14 +30,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from trb_jax.models import attention as attention_lib
-from trb_jax.sharding import constrain
+from trb_jax.sharding import LOGICAL_AXIS_RULES, MeshAxes, constrain, tree_shardings
 
 Params = dict[str, Any]
 
@@ -185,6 +187,19 @@ def param_shapes(config: Qwen3Config) -> Params:
 
 def _is_shape(x: Any) -> bool:
     return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
+
+
+def param_shardings(
+    config: Qwen3Config, mesh: Mesh, *, rules: Sequence[tuple[str, MeshAxes]] = LOGICAL_AXIS_RULES
+) -> Params:
+    """NamedShardings of a params pytree for `config` (from shapes only, no memory).
+
+    rules: the logical-axis table (trb_jax.sharding); INFERENCE_AXIS_RULES for inference-only
+    weights such as the teacher.
+    """
+    shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), param_shapes(config),
+                          is_leaf=_is_shape)
+    return tree_shardings(param_logical_axes(config), mesh, shapes, rules=rules)
 
 
 def init_params(config: Qwen3Config, rng: jax.Array, dtype: Any = None) -> Params:
@@ -400,6 +415,12 @@ def kv_cache_logical_axes() -> KVCache:
     """Logical axes per KVCache field, for building its shardings."""
     kv = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
     return KVCache(kv, kv, ("batch", "cache_length"), ("batch",), ())
+
+
+def kv_cache_shardings(mesh: Mesh, cache: KVCache) -> KVCache:
+    """NamedShardings for a KVCache (arrays or abstract): rows over the batch axes, KV heads
+    over tensor (when they divide), layers / cache slots / head_dim whole."""
+    return tree_shardings(kv_cache_logical_axes(), mesh, cache)
 
 
 def prefill(
