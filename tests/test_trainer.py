@@ -13,6 +13,7 @@ import pytest
 
 from trb_jax import config as C
 from trb_jax import methods, objectives, smoke, trainer
+from trb_jax import train_step as ts
 from trb_jax.metric_writer import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,18 +99,22 @@ def test_every_method_trains_with_every_objective(world, tmp_path, method, objec
         assert np.isfinite(r["student_entropy"]) and r["student_entropy"] >= 0
 
 
-def test_trb_warmup_reuses_rollout_teacher_scores(world, tmp_path):
-    """During TRB warmup the batch carries the rollout's top-k teacher log-probs (no second
-    teacher pass); after warmup the teacher scores the batch in the step."""
+@pytest.mark.parametrize("objective", ["opd", "tropd"])
+def test_trb_warmup_reuses_rollout_teacher_scores(world, tmp_path, objective):
+    """During TRB warmup the batch carries the rollout's teacher scores at exactly the supports
+    the objective declares (no second teacher pass); after warmup the teacher scores the batch
+    in the step."""
     cfg = _config(world, "trb")
+    cfg = dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, name=objective))
     run_plan = [methods.plan_step(k, cfg.method) for k in range(3)]
-    prompts_seen = []
+    seen = []
     original = trainer.make_batch
 
-    def spy(prompts, ro, plan):
-        batch = original(prompts, ro, plan)
-        prompts_seen.append((plan.behavior, batch.uses_stored_teacher,
-                             batch.teacher_input_ids_bs is not None))
+    def spy(prompts, ro, plan, config):
+        batch = original(prompts, ro, plan, config)
+        stored = tuple(sorted(f for fields in ts.STORED_FIELDS.values() for f in fields
+                              if getattr(batch, f) is not None))
+        seen.append((plan.behavior, stored, batch.teacher_input_ids_bs is not None))
         return batch
 
     trainer.make_batch = spy
@@ -117,8 +122,10 @@ def test_trb_warmup_reuses_rollout_teacher_scores(world, tmp_path):
         trainer.train(cfg, str(tmp_path))
     finally:
         trainer.make_batch = original
+    want = {"opd": ("topk_ids_btk", "topk_teacher_logprob_btk"),
+            "tropd": ("sampled_teacher_logprob_bt", "teacher_topk_ids_btk", "teacher_topk_logprob_btk")}
     assert [p.behavior for p in run_plan] == ["trb", "trb", "student"]
-    assert prompts_seen == [("trb", True, False), ("trb", True, False), ("student", False, True)]
+    assert seen == [("trb", want[objective], False)] * 2 + [("student", (), True)]
 
 
 def test_student_teacher_vocabulary_mismatch_is_a_config_error(world, tmp_path):
