@@ -51,7 +51,7 @@ def run(name: str, method: str, seed: int, overrides: dict[str, Any] | None = No
     # Several script processes may share the work (e.g. one per core): a run is claimed with
     # an exclusive lock file; a run claimed by another process is skipped here (None).
     os.makedirs(workdir, exist_ok=True)
-    lock = os.path.join(workdir, ".lock")
+    lock = os.path.join(workdir, ".claim")  # not ".lock": that is the trainer's WorkdirLock
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:

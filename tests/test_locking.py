@@ -49,3 +49,13 @@ def test_stale_lock_after_kill_9_is_taken_over(tmp_path, capfd):
     err = capfd.readouterr().err
     assert f"was locked by pid {proc.pid} on host {socket.gethostname()}" in err
     assert "ended without releasing it (killed?); lock taken over" in err
+
+
+@pytest.mark.parametrize("text", ["12345", "[1, 2]", "not json"])
+def test_a_foreign_lock_file_is_taken_over_not_a_crash(tmp_path, capfd, text):
+    """Another tool's WORKDIR/.lock (e.g. a bare pid) is described, and the lock taken over."""
+    (tmp_path / ".lock").write_text(text)
+    assert locking.holder(str(tmp_path)) == {"text": text}
+    with locking.WorkdirLock(str(tmp_path)) as lock:
+        assert lock.previous == {"text": text}
+    assert f"was locked by an unknown holder (lock file text {text!r})" in capfd.readouterr().err

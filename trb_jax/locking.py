@@ -32,14 +32,29 @@ def holder(workdir: str) -> dict | None:
     """The holder record in WORKDIR/.lock ({"host", "pid", "started"}), or None."""
     try:
         with open(os.path.join(workdir, LOCK_FILE)) as f:
-            return json.loads(f.read() or "null")
-    except (OSError, ValueError):
+            return _record(f.read())
+    except OSError:
         return None
+
+
+def _record(text: str) -> dict | None:
+    """A holder record from the lock file's text: our JSON dict, or the foreign text kept as
+    {"text": ...} (another tool's file of that name must not crash the trainer); None if empty."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    return parsed if isinstance(parsed, dict) else {"text": text[:80]}
 
 
 def _describe(info: dict | None) -> str:
     if not info:
         return "another process (no holder recorded)"
+    if "text" in info:
+        return f"an unknown holder (lock file text {info['text']!r})"
     return (f"pid {info.get('pid')} on host {info.get('host')} "
             f"(started {info.get('started')})")
 
@@ -67,12 +82,7 @@ class WorkdirLock:
         except OSError:
             os.close(fd)
             raise
-        stale = os.read(fd, 4096).decode("utf-8", "replace").strip()
-        if stale:
-            try:
-                self.previous = json.loads(stale)
-            except ValueError:
-                self.previous = None
+        self.previous = _record(os.read(fd, 4096).decode("utf-8", "replace"))
         info = {"host": socket.gethostname(), "pid": os.getpid(),
                 "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
         os.lseek(fd, 0, os.SEEK_SET)
