@@ -62,3 +62,37 @@ def test_top_p_truncates_every_behavior_after_the_fact():
     full = _step("trb", 0.1, top_p=1.0)
     np.testing.assert_allclose(np.exp(np.asarray(full.log_mu_bv[0])).sum(), 1.0, atol=1e-6)
     assert np.all(np.asarray(full.log_mu_bv[0]) > -np.inf)
+
+
+def test_teacher_prefix_is_the_teacher_before_the_prefix_and_the_student_after():
+    rows = 64
+    s = jnp.log(jnp.asarray(np.tile(P_S, (rows, 1)), jnp.float32))
+    t = jnp.log(jnp.asarray(np.tile(P_T, (rows, 1)), jnp.float32))
+    keys = jax.random.split(jax.random.key(0), rows)
+    prefix_b = np.arange(rows) % 3  # per-row prefixes 0, 1, 2
+    # jitted once (knobs and position are traced): eager dispatch would dominate the runtime
+    steps = jax.jit(lambda name, *a, **kw: B.BEHAVIORS[name](*a, **kw), static_argnums=0)
+    for top_p in (1.0, 0.9):
+        knobs = B.make_knobs(top_p=top_p, prefix_tokens=prefix_b)
+        student, teacher = steps("student", s, t, keys, knobs), steps("teacher", s, t, keys, knobs)
+        for position in range(3):
+            step = steps("teacher_prefix", s, t, keys, knobs, position=jnp.int32(position))
+            from_t = position < prefix_b
+            np.testing.assert_array_equal(step.from_teacher_b, from_t)
+            np.testing.assert_array_equal(step.token_b,
+                                          np.where(from_t, teacher.token_b, student.token_b))
+            np.testing.assert_array_equal(
+                step.log_mu_bv, np.where(from_t[:, None], teacher.log_mu_bv, student.log_mu_bv))
+            np.testing.assert_allclose(step.kl_b, np.where(from_t, teacher.kl_b, student.kl_b),
+                                       atol=1e-6)
+            np.testing.assert_array_equal(step.beta_b, from_t.astype(np.float32))
+            assert not np.asarray(step.replaced_b).any()
+
+
+def test_make_knobs_prefix_tokens():
+    assert B.make_knobs().prefix_tokens.dtype == jnp.int32
+    assert int(B.make_knobs().prefix_tokens) == 0
+    assert int(B.make_knobs(prefix_tokens=10**12).prefix_tokens) == np.iinfo(np.int32).max
+    for bad in (-1, 1.5, [2, -3]):
+        with pytest.raises(ValueError, match="prefix_tokens"):
+            B.make_knobs(prefix_tokens=bad)

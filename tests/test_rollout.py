@@ -132,6 +132,8 @@ def test_skd_rollout_first_token_matches_marginal():
     np.testing.assert_allclose(np.exp(out.behavior_logprob_bt[:, 0]), mu[tok], rtol=1e-4)
     replaced = np.asarray(out.skd_replaced_bt[:, 0])
     assert replaced.mean() == pytest.approx(p_s[~top].sum(), abs=0.03)
+    # a replacement is a teacher draw (softmax(t / tau_T)); a kept proposal is the student's
+    np.testing.assert_array_equal(out.from_teacher_bt, out.skd_replaced_bt)
 
 
 def test_temperature_applies_to_the_logits_and_top_p_to_the_blend():
@@ -173,6 +175,41 @@ def test_trb_eps_zero_is_student_and_huge_eps_is_teacher():
     np.testing.assert_array_equal(trb_big.tokens_bt, teacher.tokens_bt)
     assert np.all(np.asarray(trb_big.beta_bt)[np.asarray(trb_big.response_mask_bt)] == 1)
     assert not np.array_equal(student.tokens_bt, teacher.tokens_bt)  # the two differ at all
+    # a blend is never counted as a teacher draw, not even at beta = 1
+    assert not np.asarray(student.from_teacher_bt).any()
+    assert not np.asarray(trb_big.from_teacher_bt).any()
+    np.testing.assert_array_equal(teacher.from_teacher_bt, teacher.response_mask_bt)
+
+
+def test_teacher_prefix_samples_the_teacher_then_the_student():
+    """Same keys: prefix 0 draws the student's tokens, prefix >= T the teacher's, and a prefix
+    of 2 the teacher's first two tokens, with exactly min(2, length) leading teacher draws."""
+    student = _wide("student", B.make_knobs(), params_t=None)
+    teacher = _wide("teacher", B.make_knobs())
+    none = _wide("teacher_prefix", B.make_knobs(prefix_tokens=0))
+    np.testing.assert_array_equal(none.tokens_bt, student.tokens_bt)
+    assert not np.asarray(none.from_teacher_bt).any()
+    whole = _wide("teacher_prefix", B.make_knobs(prefix_tokens=T_WIDE))
+    np.testing.assert_array_equal(whole.tokens_bt, teacher.tokens_bt)
+    np.testing.assert_array_equal(whole.from_teacher_bt, whole.response_mask_bt)
+
+    prefix = 2
+    out = _wide("teacher_prefix", B.make_knobs(prefix_tokens=prefix))
+    lengths = np.asarray(out.lengths_b)
+    assert (lengths > prefix).any() and (lengths < prefix).any()  # both cases occur
+    from_t = np.arange(T_WIDE)[None] < np.minimum(prefix, lengths)[:, None]
+    np.testing.assert_array_equal(out.from_teacher_bt, from_t)
+    np.testing.assert_array_equal(out.tokens_bt[:, :prefix], teacher.tokens_bt[:, :prefix])
+    assert not np.array_equal(out.tokens_bt, teacher.tokens_bt)
+    # The behavior log-prob is that of the source sampled at the position (temperature 1, no
+    # top-p: the EOS-merged model itself).
+    mask = np.asarray(out.response_mask_bt)
+    source_lp = np.where(from_t, out.teacher_logprob_bt, out.student_logprob_bt)
+    np.testing.assert_allclose(np.asarray(out.behavior_logprob_bt)[mask], source_lp[mask],
+                               atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(out.beta_bt)[mask], from_t[mask])
+    kl = np.asarray(out.kl_bt)
+    assert np.all(kl[mask & ~from_t] == 0) and np.all(kl[from_t] > 0)
 
 
 def test_student_program_has_no_teacher():
@@ -180,6 +217,9 @@ def test_student_program_has_no_teacher():
     assert R.select_program("fixed_eps", np.zeros(3)) == "student"
     assert R.select_program("trb", 1e-3) == "trb"
     assert R.select_program("skd", 0.0) == "skd"
+    assert R.select_program("teacher_prefix", prefix_tokens=0) == "student"
+    assert R.select_program("teacher_prefix", prefix_tokens=3) == "teacher_prefix"
+    assert R.select_program("teacher_prefix") == "teacher_prefix"
     ps, _ = _models()
     keys = R.row_keys(jax.random.key(0), np.arange(N_WIDE))
     kw = dict(student_config=CFG, teacher_config=None, spec=_spec("student", T_WIDE))
@@ -200,6 +240,7 @@ def test_student_program_has_no_teacher():
     assert len(prefills) == 3  # 1 for the student program, 2 for trb
     out = _wide("student", B.make_knobs(), params_t=None)
     assert out.topk_ids_btk is None and np.all(np.isnan(np.asarray(out.teacher_logprob_bt)))
+    assert out.teacher_topk_ids_btk is None and out.teacher_topk_teacher_logprob_btk is None
 
 
 def test_no_recompile_across_knob_values():
@@ -269,11 +310,14 @@ def test_rows_stop_independently_at_eos():
 
 
 def test_logprobs_match_teacher_forced_rescoring():
-    """The KV-cache decode reproduces a full forward over prompt + response for both models."""
+    """The KV-cache decode reproduces a full forward over prompt + response for both models,
+    including both top-k supports and both models' log-probs on each."""
     out = _padded_rollout()
     ps, pt = _models()
     prompts = _padded_batch()
     mask = np.asarray(out.response_mask_bt)
+    np.testing.assert_array_equal(out.from_teacher_bt, mask)  # `teacher`: every token
+    fresh = {}
     for params, ids, pmask, toks, lp_field in [
         (ps, prompts.student_ids_bt, prompts.student_mask_bt, out.student_tokens_bt, "student"),
         (pt, prompts.teacher_ids_bt, prompts.teacher_mask_bt, out.teacher_tokens_bt, "teacher"),
@@ -287,16 +331,29 @@ def test_logprobs_match_teacher_forced_rescoring():
         ref = np.take_along_axis(np.asarray(log_p), np.asarray(out.tokens_bt)[..., None], -1)[..., 0]
         got = np.asarray(getattr(out, f"{lp_field}_logprob_bt"))
         np.testing.assert_allclose(got[mask], ref[mask], atol=2e-4, err_msg=lp_field)
+        fresh[lp_field] = np.asarray(log_p)
         if lp_field == "teacher":
             p = np.exp(np.asarray(log_p, np.float64))
             ent = -np.sum(np.where(p > 0, p * np.where(p > 0, np.asarray(log_p), 0.0), 0.0), -1)
             np.testing.assert_allclose(np.asarray(out.teacher_entropy_bt)[mask], ent[mask],
                                        atol=2e-4)
-            topk = np.asarray(out.topk_ids_btk)
-            np.testing.assert_allclose(
-                np.asarray(out.topk_teacher_logprob_btk)[mask],
-                np.take_along_axis(np.asarray(log_p), topk, -1)[mask], atol=2e-4)
-    assert out.topk_ids_btk.shape == (2, T_PAD, 16)
+    for owner, prefix in (("student", ""), ("teacher", "teacher_")):
+        ids = np.asarray(getattr(out, f"{prefix}topk_ids_btk"))
+        assert ids.shape == (2, T_PAD, 16) and ids.dtype == np.int32
+        # The ids are the owner's 16 most likely tokens in order (compared by value, so a
+        # near-tie that rounds differently in the two forwards cannot fail the test).
+        top16 = -np.sort(-fresh[owner], axis=-1)[..., :16]
+        np.testing.assert_allclose(np.take_along_axis(fresh[owner], ids, -1)[mask], top16[mask],
+                                   atol=2e-4, err_msg=owner)
+        assert np.all(np.diff(np.sort(ids, -1), axis=-1)[mask] > 0)  # distinct ids
+        for model in ("student", "teacher"):
+            name = f"{prefix}topk_{model}_logprob_btk"
+            got = np.asarray(getattr(out, name))
+            assert got.shape == (2, T_PAD, 16) and got.dtype == np.float32
+            np.testing.assert_allclose(got[mask], np.take_along_axis(fresh[model], ids, -1)[mask],
+                                       atol=2e-4, err_msg=name)
+    # the two supports differ (two different models), so the teacher's is a new record
+    assert not np.array_equal(out.topk_ids_btk, out.teacher_topk_ids_btk)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,8 +400,9 @@ def test_temperature_and_student_behaviors():
     np.testing.assert_allclose(step.kl_b, ref_kl, rtol=1e-4)
     base = B.student(s, None, _keys(2), knobs)
     assert np.all(np.asarray(base.kl_b) == 0) and np.all(np.asarray(base.beta_b) == 0)
-    assert set(B.BEHAVIORS) == {"student", "trb", "fixed_eps", "skd", "temperature", "teacher"}
-    assert B.NEEDS_TEACHER == {"trb", "fixed_eps", "skd", "teacher"}
+    assert set(B.BEHAVIORS) == {"student", "trb", "fixed_eps", "skd", "temperature", "teacher",
+                                "teacher_prefix"}
+    assert B.NEEDS_TEACHER == {"trb", "fixed_eps", "skd", "teacher", "teacher_prefix"}
 
 
 def test_top_p_mask_keeps_the_nucleus():

@@ -11,10 +11,10 @@ Two jitted programs per (spec, configs, shapes):
      rows at the merged stop event; exits as soon as every row is done or max_new_tokens.
 
 The behavior is a static name (`spec.behavior`, see trb_jax.behaviors); every per-call number
-(eps, tau, SKD K and tau_T, temperature, top-p) is a traced `Knobs` leaf. The `student`
-program has no teacher prefill, no teacher KV cache and no teacher decode: it is built without
-teacher params at all (`params_t=None` works). `select_program` maps an annealed TRB run onto
-it once eps reaches 0.
+(eps, tau, SKD K and tau_T, temperature, top-p, teacher prefix length) is a traced `Knobs` leaf.
+The `student` program has no teacher prefill, no teacher KV cache and no teacher decode: it is
+built without teacher params at all (`params_t=None` works). `select_program` maps an annealed
+TRB run onto it once eps reaches 0, and a `teacher_prefix` run with an empty prefix.
 
 Prompt lengths are bucketed (`PROMPT_BUCKETS`, `pad_prompts`), so a run compiles at most
 |behaviors used| x |student buckets hit| x |teacher buckets hit| pairs of programs for a fixed
@@ -67,7 +67,8 @@ class RolloutSpec:
     eos: the shared stop event of both models (EosMap.from_ids).
     student_eos_id / teacher_eos_id: the native id written into each model's own sequence when
       the stop event is sampled.
-    top_k: student top-k support recorded per prefix when the teacher runs (paper: 16).
+    top_k: width of the student's and the teacher's top-k supports recorded per prefix when the
+      teacher runs (paper: 16).
     solver: trust-region solver of `trb` / `fixed_eps` ("newton" by default: the same beta as
       the paper's bisection to within tol, in 3-5 instead of 20 evaluations per token).
     """
@@ -119,8 +120,16 @@ class Rollout:
     beta_bt, kl_bt: the behavior's interpolation weight and KL(mu || processed pi_S).
     teacher_entropy_bt: entropy of the EOS-merged teacher distribution (temperature 1).
     skd_replaced_bt: bool, SKD replaced the student's proposal.
-    topk_ids_btk: the student's top-k token ids (EOS-merged, temperature 1) at each prefix,
-      with topk_student_logprob_btk / topk_teacher_logprob_btk there; None unless the teacher ran.
+    from_teacher_bt: bool, the token was drawn from a teacher distribution: every response
+      position of `teacher`, the first knobs.prefix_tokens of `teacher_prefix`, SKD's
+      replacements; False for the blends and student-side behaviors and after the stop.
+    topk_ids_btk: int32 [b, T, k] the student's top-k token ids (EOS-merged, temperature 1,
+      ties lower id first) at each prefix, with float32 topk_student_logprob_btk /
+      topk_teacher_logprob_btk (both models' EOS-merged temperature-1 log-probs) there.
+    teacher_topk_ids_btk: int32 [b, T, k] the same for the teacher's top-k, with float32
+      teacher_topk_teacher_logprob_btk / teacher_topk_student_logprob_btk there.
+      The six top-k fields are None unless the teacher ran (k = spec.top_k); like every [b, T]
+      statistic they are meaningful where response_mask_bt is True only.
     num_steps: int32, loop iterations actually run (<= T; fewer when all rows stopped early).
     """
 
@@ -136,9 +145,13 @@ class Rollout:
     kl_bt: jax.Array
     teacher_entropy_bt: jax.Array
     skd_replaced_bt: jax.Array
+    from_teacher_bt: jax.Array
     topk_ids_btk: jax.Array | None
     topk_student_logprob_btk: jax.Array | None
     topk_teacher_logprob_btk: jax.Array | None
+    teacher_topk_ids_btk: jax.Array | None
+    teacher_topk_teacher_logprob_btk: jax.Array | None
+    teacher_topk_student_logprob_btk: jax.Array | None
     num_steps: jax.Array
 
 
@@ -226,10 +239,15 @@ def row_keys(rng: jax.Array, row_ids: Sequence[int] | jax.Array) -> jax.Array:
     return jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.asarray(row_ids, jnp.uint32))
 
 
-def select_program(behavior: str, eps: float | None = None) -> str:
-    """The behavior whose program should run: an eps-driven blend at eps == 0 is exactly the
-    student, so it runs the student program (no teacher prefill, cache or decode)."""
+def select_program(behavior: str, eps: float | None = None,
+                   prefix_tokens: int | None = None) -> str:
+    """The behavior whose program should run: an eps-driven blend at eps == 0 and a
+    `teacher_prefix` with prefix_tokens == 0 are exactly the student, so they run the student
+    program (no teacher prefill, cache or decode; teacher fields NaN / None)."""
     if behavior in ("trb", "fixed_eps") and eps is not None and float(np.max(eps)) == 0.0:
+        return "student"
+    if behavior == "teacher_prefix" and prefix_tokens is not None and \
+            int(np.max(prefix_tokens)) == 0:
         return "student"
     return behavior
 
@@ -246,20 +264,31 @@ def _empty_rollout(b: int, spec: RolloutSpec) -> Rollout:
     T = spec.max_new_tokens
     stop = jnp.full((b, T), spec.eos.stop_id, jnp.int32)
     f = jnp.zeros((b, T), jnp.float32)
+    no = jnp.zeros((b, T), bool)
     k = jnp.zeros((b, T, spec.top_k)) if spec.runs_teacher else None
+    ids = None if k is None else k.astype(jnp.int32)
     return Rollout(
         tokens_bt=stop, student_tokens_bt=stop, teacher_tokens_bt=stop,
-        response_mask_bt=jnp.zeros((b, T), bool), lengths_b=jnp.zeros((b,), jnp.int32),
+        response_mask_bt=no, lengths_b=jnp.zeros((b,), jnp.int32),
         behavior_logprob_bt=f, student_logprob_bt=f, teacher_logprob_bt=f, beta_bt=f, kl_bt=f,
-        teacher_entropy_bt=f, skd_replaced_bt=jnp.zeros((b, T), bool),
-        topk_ids_btk=None if k is None else k.astype(jnp.int32),
-        topk_student_logprob_btk=k, topk_teacher_logprob_btk=k,
+        teacher_entropy_bt=f, skd_replaced_bt=no, from_teacher_bt=no,
+        topk_ids_btk=ids, topk_student_logprob_btk=k, topk_teacher_logprob_btk=k,
+        teacher_topk_ids_btk=ids, teacher_topk_teacher_logprob_btk=k,
+        teacher_topk_student_logprob_btk=k,
         num_steps=jnp.int32(0),
     )  # fmt: skip
 
 
 def _pick(x_bv, ids_b):
     return jnp.take_along_axis(x_bv, ids_b[:, None], axis=-1)[:, 0]
+
+
+def _topk_records(merged_bv, log_s_bv, log_t_bv, k: int):
+    """(ids_bk, log_s_bk, log_t_bk): the k largest entries of merged_bv (ties lower id first,
+    as lax.top_k) and both models' log-probs there."""
+    _, ids_bk = jax.lax.top_k(merged_bv, k)
+    return (ids_bk, jnp.take_along_axis(log_s_bv, ids_bk, axis=-1),
+            jnp.take_along_axis(log_t_bv, ids_bk, axis=-1))
 
 
 def _sample_and_record(state: DecodeState, s_logits_bv, t_logits_bv, knobs: Knobs,
@@ -274,7 +303,7 @@ def _sample_and_record(state: DecodeState, s_logits_bv, t_logits_bv, knobs: Knob
     behavior = BEHAVIORS[spec.behavior]
     if spec.behavior in BLEND_BEHAVIORS:
         behavior = functools.partial(behavior, solver=spec.solver)
-    step = behavior(s_proc, t_proc, keys_b, knobs)
+    step = behavior(s_proc, t_proc, keys_b, knobs, position=state.step)
 
     active_b = ~state.done_b
     token_b = jnp.where(active_b, step.token_b, eos.stop_id)
@@ -293,6 +322,7 @@ def _sample_and_record(state: DecodeState, s_logits_bv, t_logits_bv, knobs: Knob
         beta_bt=put(o.beta_bt, step.beta_b),
         kl_bt=put(o.kl_bt, step.kl_b),
         skd_replaced_bt=put(o.skd_replaced_bt, step.replaced_b & active_b),
+        from_teacher_bt=put(o.from_teacher_bt, step.from_teacher_b & active_b),
     )
     if t_merged is None:
         upd.update(teacher_logprob_bt=put(o.teacher_logprob_bt, _nan_like(token_b)),
@@ -301,15 +331,17 @@ def _sample_and_record(state: DecodeState, s_logits_bv, t_logits_bv, knobs: Knob
         log_t = jax.nn.log_softmax(t_merged, axis=-1)
         p_t = jnp.exp(log_t)
         entropy_b = -jnp.sum(jnp.where(p_t > 0, p_t * log_t, 0.0), axis=-1)
-        _, top_ids_bk = jax.lax.top_k(s_merged, spec.top_k)
+        s_ids, s_at_s, t_at_s = _topk_records(s_merged, log_s, log_t, spec.top_k)
+        t_ids, s_at_t, t_at_t = _topk_records(t_merged, log_s, log_t, spec.top_k)
         upd.update(
             teacher_logprob_bt=put(o.teacher_logprob_bt, _pick(log_t, token_b)),
             teacher_entropy_bt=put(o.teacher_entropy_bt, entropy_b),
-            topk_ids_btk=put(o.topk_ids_btk, top_ids_bk),
-            topk_student_logprob_btk=put(o.topk_student_logprob_btk,
-                                         jnp.take_along_axis(log_s, top_ids_bk, axis=-1)),
-            topk_teacher_logprob_btk=put(o.topk_teacher_logprob_btk,
-                                         jnp.take_along_axis(log_t, top_ids_bk, axis=-1)),
+            topk_ids_btk=put(o.topk_ids_btk, s_ids),
+            topk_student_logprob_btk=put(o.topk_student_logprob_btk, s_at_s),
+            topk_teacher_logprob_btk=put(o.topk_teacher_logprob_btk, t_at_s),
+            teacher_topk_ids_btk=put(o.teacher_topk_ids_btk, t_ids),
+            teacher_topk_teacher_logprob_btk=put(o.teacher_topk_teacher_logprob_btk, t_at_t),
+            teacher_topk_student_logprob_btk=put(o.teacher_topk_student_logprob_btk, s_at_t),
         )
     upd["num_steps"] = col + 1
     return state.replace(
