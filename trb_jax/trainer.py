@@ -321,6 +321,8 @@ def rollout_metrics(ro_host: dict[str, np.ndarray], plan: methods.StepPlan, rewa
             out[f"beta_p{q}"] = float(np.percentile(beta, q))
     kl = ro_host["kl_bt"][mask]
     out["behavior_kl"] = float(np.nanmean(kl)) if np.isfinite(kl).any() else float("nan")
+    # share of response tokens the teacher sampled (teacher prefixes, SKD replacements, SFT data)
+    out["teacher_token_frac"] = _masked_mean(ro_host["from_teacher_bt"].astype(np.float32), mask)
     if plan.behavior in REPLACING_BEHAVIORS:
         out["skd_replaced_frac"] = _masked_mean(ro_host["skd_replaced_bt"].astype(np.float32), mask)
     return out
