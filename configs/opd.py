@@ -6,7 +6,9 @@
 Args (comma separated key=value):
   pair    qwen3_0p6b_4b (Qwen3-0.6B-Base <- Qwen3-4B, default) or qwen3_1p7b_8b
           (Qwen3-1.7B-Base <- Qwen3-8B).
-  method  vanilla | trb (default) | fixed_eps | skd | temperature | sft_warmup | veto.
+  method  vanilla | trb (default) | fixed_eps | skd | temperature | sft_warmup | veto |
+          teacher_prefix (the rollout behavior).
+  objective  opd (default) | tropd | veto | sft (the per-token loss; docs/objectives.md).
 
 Settings from the paper (docs/method.md, section 5): 25,600 OpenThoughts3 prompts with the
 system prompt "Please reason step by step, and put your final answer within \\boxed{}.",
@@ -67,6 +69,7 @@ def get_config(arg: str | None = None):
     config.rollout.samples_per_prompt = 4
     config.rollout.max_new_tokens = 4096
     config.method.name = options.pop("method", "trb")
+    config.objective.name = options.pop("objective", "opd")
     config.method.eps0 = 0.01
     config.method.warmup_steps = 50
     config.method.skd_k = 15
@@ -94,5 +97,5 @@ def get_config(arg: str | None = None):
     config.mesh.fsdp = 8 if pair == "qwen3_1p7b_8b" else 1
     if options:
         raise ValueError(f"configs/opd.py: unknown argument(s) {sorted(options)}; "
-                         "known: pair, method")
+                         "known: pair, method, objective")
     return config

@@ -7,7 +7,7 @@ Args (comma separated key=value):
   world   a directory with student/ and teacher/ (Hugging Face Qwen3 checkpoints with the real
           Qwen3 tokenizer files: trb_jax.qwen_tokenizer), train.jsonl (OpenThoughts3
           conversation records) and eval.jsonl (MATH-style {"problem", "answer"} records).
-  method  as configs/opd.py (default trb).
+  method, objective  as configs/opd.py (defaults trb, opd).
   pair    as configs/opd.py (default qwen3_0p6b_4b): selects the evaluation suites.
   evals   1 (default) keeps the pair's suites, each read from eval.jsonl; 0 drops them (runs
           that test training only).
@@ -31,10 +31,10 @@ def get_config(arg: str | None = None):
     if not world:
         raise ValueError("configs/rehearsal.py: world=DIR is required")
     evals = options.pop("evals", "1") == "1"
-    passed = ",".join(f"{k}={options.pop(k)}" for k in ("pair", "method") if k in options)
+    passed = ",".join(f"{k}={options.pop(k)}" for k in ("pair", "method", "objective") if k in options)
     if options:
         raise ValueError(f"configs/rehearsal.py: unknown argument(s) {sorted(options)}; "
-                         "known: world, method, pair, evals")
+                         "known: world, method, objective, pair, evals")
     config = load_config_file(repo_config_path("opd"), passed or None)
     config.model.student = os.path.join(world, "student")
     config.model.teacher = os.path.join(world, "teacher")

@@ -3,7 +3,8 @@
     python -m trb_jax.train --config=configs/toy.py:method=trb --workdir=/tmp/toy_trb
     python -m trb_jax.train --config=configs/toy.py:method=vanilla,seed=3 --workdir=/tmp/toy_v3
 
-Args (comma separated key=value): method (any of trb_jax.methods.METHODS, default trb), seed
+Args (comma separated key=value): method (any of trb_jax.methods.METHODS, default trb),
+objective (any of trb_jax.objectives.names(), default opd), seed
 (the run seed: rollout sampling and prompt order; default 0). The models and data are the ones
 shipped in trb_jax/toy/assets (rebuilt by `python -m trb_jax.toy.build`, see docs/toy.md).
 Used by the README's main job (trb_jax.toy.demo) and the reproduction scripts in experiments/.
@@ -29,6 +30,7 @@ def get_config(arg: str | None = None):
     config.rollout.max_new_tokens = build.MAX_NEW_TOKENS
     config.rollout.prompt_length = 64
     config.method.name = options.pop("method", "trb")
+    config.objective.name = options.pop("objective", "opd")
     config.method.eps0 = 0.1
     config.method.warmup_steps = 30
     config.method.skd_k = 15
@@ -51,5 +53,5 @@ def get_config(arg: str | None = None):
     config.eval.batch_size = 128
     if options:
         raise ValueError(f"configs/toy.py: unknown argument(s) {sorted(options)}; "
-                         "known: method, seed")
+                         "known: method, objective, seed")
     return config

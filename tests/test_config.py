@@ -195,3 +195,12 @@ def test_load_config_file_matches_the_module(tmp_path):
     assert cd.method.name == "veto"
     with pytest.raises(C.ConfigError, match="config file not found"):
         C.load_config_file(str(tmp_path / "nope.py"))
+
+
+@pytest.mark.parametrize("name", ["opd", "toy"])
+def test_config_files_take_the_objective_as_an_argument(name):
+    cd = C.load_config_file(C.repo_config_path(name), "method=trb,objective=tropd")
+    assert (cd.method.name, cd.objective.name) == ("trb", "tropd")
+    assert C.load_config_file(C.repo_config_path(name), "method=trb").objective.name == "opd"
+    with pytest.raises(ValueError, match="known: .*objective"):
+        C.load_config_file(C.repo_config_path(name), "objectve=tropd")

@@ -163,6 +163,24 @@ def test_rehearsal_every_method_through_the_paper_config(tmp_path):
         trainer.train(c, str(tmp_path / method))
         mark(method)
 
+    # The loss side on the paper path (full vocabulary, bf16 compute): TRB rollouts with the
+    # TrOPD objective (stored teacher top-k and sampled-token scores), and teacher prefixes.
+    from trb_jax import config as config_lib
+
+    for method, objective in (("trb", "tropd"), ("teacher_prefix", "opd")):
+        workdir = str(tmp_path / f"{method}_{objective}")
+        cd, _ = _cfg(world, method, workdir)
+        cd.objective.name = objective
+        trainer.train(config_lib.to_run_config(cd, workdir=workdir), workdir)
+        records = _metrics(workdir)
+        assert all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in records), method
+        assert {r["objective"] for r in records} == {objective}
+        if objective == "tropd":
+            assert all(0.0 <= r["trust_share"] <= 1.0 and np.isfinite(r["k1"]) for r in records)
+        else:
+            assert all(r["teacher_token_frac"] > 0 for r in records)
+        mark(f"{method} + {objective}")
+
     lr0 = cfg.optim.peak_lr / cfg.optim.warmup_steps
     vanilla_lr = [r["learning_rate"] for r in _metrics(str(tmp_path / "vanilla"))]
     for method in METHODS:
