@@ -13,6 +13,8 @@ XLA's `memory_analysis()` per device:
 
   train_stored    `train_step` in the stored mode (the rollout's top-k teacher log-probs)
   train_teacher   `train_step` in the teacher mode (one teacher forward per micro-batch)
+  train_*_tropd   the same two with the TrOPD objective (supports: the teacher's top-k and the
+                  sampled token; stored mode reads the rollout's teacher top-k and sampled scores)
   prefill         `rollout._start`: student + teacher prefill into KV caches of prompt + response
   decode          `rollout._decode`: the lockstep TRB decode loop (its body is one decode step
                   of both models, the blend solve and the sampler; the state is donated)
@@ -58,6 +60,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from trb_jax import config as config_lib  # noqa: E402
+from trb_jax import objectives  # noqa: E402
 from trb_jax import rollout as rollout_lib  # noqa: E402
 from trb_jax import sharding  # noqa: E402
 from trb_jax import train_step as ts  # noqa: E402
@@ -86,7 +89,8 @@ HARDWARE = {
     # 16 GB cannot hold an 8B teacher replicated: tensor=4 splits heads / MLP / vocab.
     "v5e8": Hardware("TPU v5e-8 (16 GB HBM per chip)", 16.0, 14.4, (1, 2, 4)),
 }
-PROGRAMS = ("train_stored", "train_teacher", "prefill", "decode")
+PROGRAMS = ("train_stored", "train_teacher", "prefill", "decode", "train_stored_tropd",
+            "train_teacher_tropd")
 
 
 def _abstract(tree, shardings):
@@ -135,10 +139,16 @@ def build(run_cfg, hw: Hardware, args, policy: str) -> dict:
     stored = ts.Batch(**common, topk_ids_btk=sd((R, T, K), i32), topk_teacher_logprob_btk=sd((R, T, K), f32))
     scored = ts.Batch(**common, teacher_input_ids_bs=sd((R, P + T), i32),
                       teacher_attention_mask_bs=sd((R, P + T), i32))
+    stored_tropd = ts.Batch(**common, teacher_topk_ids_btk=sd((R, T, K), i32),
+                            teacher_topk_logprob_btk=sd((R, T, K), f32),
+                            sampled_teacher_logprob_bt=sd((R, T), f32))
+    tcfg_tropd = dataclasses.replace(tcfg, objective=objectives.ObjectiveConfig(name="tropd"))
     progs = {}
-    for name, batch, tp in (("train_stored", stored, None), ("train_teacher", scored, params_t)):
+    for name, batch, tp, cfg in (("train_stored", stored, None, tcfg), ("train_teacher", scored, params_t, tcfg),
+                                 ("train_stored_tropd", stored_tropd, None, tcfg_tropd),
+                                 ("train_teacher_tropd", scored, params_t, tcfg_tropd)):
         bsh = ts.batch_shardings(mesh, batch)
-        step = ts.jit_train_step(tcfg, mesh=mesh, state_sharding=jax.tree.map(lambda x: x.sharding, state),
+        step = ts.jit_train_step(cfg, mesh=mesh, state_sharding=jax.tree.map(lambda x: x.sharding, state),
                                  batch_sharding=bsh,
                                  teacher_sharding=None if tp is None else jax.tree.map(lambda x: x.sharding, tp))
         progs[name] = (step.jitted, (state, _abstract(batch, bsh), tp), {})
