@@ -11,6 +11,10 @@ order, the initial rollout keys and the models of every arm):
     trb+tropd    method trb,     objective tropd
     tropd_clip   method vanilla, objective tropd with outlier = clip (Clip Outlier), on the
                  first --variant-seeds seeds (the mask variant is `tropd` on the same seeds)
+    tropd_lr3e-4, tropd_lr1e-4   tropd at a lower peak learning rate (the toy's 1e-3 was tuned
+                 on vanilla OPD), on the first --variant-seeds seeds
+    k1_only      tropd with every token in the trust region (threshold 1e-30): the plain K1
+                 policy gradient of the reverse KL, no outlier handling (first --variant-seeds)
 
 All runs share this process (compiled programs are reused); finished runs are skipped when the
 script is re-run. With --final-samples N every final checkpoint is re-evaluated on the 500 test
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import os
 
 import numpy as np
@@ -40,11 +45,17 @@ ARMS = {
     "tropd": ("vanilla", {"objective.name": "tropd"}),
     "trb+tropd": ("trb", {"objective.name": "tropd"}),
     "tropd_clip": ("vanilla", {"objective.name": "tropd", "objective.outlier": "clip"}),
+    # TrOPD at lower learning rates (configs/toy.py's 1e-3 was tuned on vanilla OPD)
+    "tropd_lr3e-4": ("vanilla", {"objective.name": "tropd", "optim.peak_lr": 3e-4}),
+    "tropd_lr1e-4": ("vanilla", {"objective.name": "tropd", "optim.peak_lr": 1e-4}),
+    # every token in the trust region: the plain K1 policy gradient of the reverse KL
+    "k1_only": ("vanilla", {"objective.name": "tropd", "objective.trust_threshold": 1e-30}),
 }
-VARIANTS = ("tropd_clip",)
+VARIANTS = ("tropd_clip", "tropd_lr3e-4", "tropd_lr1e-4", "k1_only")
 # (arm b, arm a): the differences b - a the verdicts read
 COMPARISONS = [("trb", "vanilla"), ("tropd", "vanilla"), ("trb+tropd", "vanilla"),
-               ("trb+tropd", "tropd"), ("trb+tropd", "trb"), ("tropd_clip", "tropd")]
+               ("trb+tropd", "tropd"), ("trb+tropd", "trb"), ("tropd_clip", "tropd"),
+               ("tropd_lr3e-4", "vanilla"), ("tropd_lr1e-4", "vanilla"), ("k1_only", "tropd")]
 DIAGNOSTICS = ("grad_norm", "student_entropy", "trust_share", "k1", "reward", "teacher_logprob")
 
 
@@ -65,6 +76,18 @@ def summary(workdir: str) -> dict:
 
 
 def final_pass(workdir: str, arm: str, seed: int, samples: int) -> float:
+    """pass@1 of the final checkpoint on 500 test problems x `samples` (sampling seed 0), cached
+    in WORKDIR/final_500x<samples>.json."""
+    cache = os.path.join(workdir, f"final_500x{samples}.json")
+    if os.path.exists(cache):
+        with open(cache) as f:
+            return json.load(f)["pass@1"]
+    value = _final_pass(workdir, arm, seed, samples)
+    common.write_json(cache, {"pass@1": value})
+    return value
+
+
+def _final_pass(workdir: str, arm: str, seed: int, samples: int) -> float:
     method, overrides = ARMS[arm]
     cd = common.toy_config(method, seed, overrides)
     cd.eval.datasets.toy_test.max_examples = 500
