@@ -369,8 +369,8 @@ def _poison_update(monkeypatch, k_bad):
     """NaN teacher scores in the batch of update k_bad: a non-finite loss and gradient."""
     original, calls = trainer.make_batch, []
 
-    def poisoned(prompts, ro, plan):
-        batch = original(prompts, ro, plan)
+    def poisoned(prompts, ro, plan, config):
+        batch = original(prompts, ro, plan, config)
         calls.append(None)
         if len(calls) - 1 == k_bad:
             batch = batch.replace(topk_teacher_logprob_btk=batch.topk_teacher_logprob_btk * np.nan)

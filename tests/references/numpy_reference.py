@@ -28,14 +28,17 @@ __all__ = [
     "blend_kl_zero_plus64",
     "solve_beta64",
     "reverse_kl_full64",
+    "forward_kl_full64",
     "topk_ids64",
     "topk_reverse_kl64",
     "topk_forward_kl64",
+    "k1_64",
     "masked_mean64",
     "grad_reverse_kl_full64",
     "grad_forward_kl_full64",
     "grad_topk_reverse_kl64",
     "grad_topk_forward_kl64",
+    "grad_k1_pg64",
     "finite_diff_grad64",
     "merge_eos64",
     "apply_rows",
@@ -180,6 +183,11 @@ def reverse_kl_full64(student_logits, teacher_logits) -> float:
     return kl64(log_softmax64(student_logits), log_softmax64(teacher_logits))
 
 
+def forward_kl_full64(student_logits, teacher_logits) -> float:
+    """KL(pi_T || pi_S) over the full vocabulary."""
+    return kl64(log_softmax64(teacher_logits), log_softmax64(student_logits))
+
+
 def topk_ids64(logits, k: int) -> np.ndarray:
     """Ids of the k largest logits, ties broken by the lower index."""
     x = _row(logits)
@@ -281,6 +289,13 @@ def topk_forward_kl64(student_logits, teacher_logits, k: int, renormalize: bool)
     return _partial_kl(log_softmax64(t), log_softmax64(s), ids)
 
 
+def k1_64(student_logits, teacher_logits, token: int) -> float:
+    """K1 estimator on the sampled token: log p_S(token) - log p_T(token)."""
+    ls = log_softmax64(student_logits)
+    lt = log_softmax64(teacher_logits)
+    return float(ls[int(token)] - lt[int(token)])
+
+
 def masked_mean64(x, mask) -> float:
     """Mean of x over the entries where mask is set (nonzero / True); 0.0 if the mask is empty.
 
@@ -359,6 +374,16 @@ def grad_topk_forward_kl64(student_logits, teacher_logits, k: int, renormalize: 
     g = p * float(np.sum(q[ids]))
     g[ids] -= q[ids]
     return g
+
+
+def grad_k1_pg64(student_logits, teacher_logits, token: int) -> np.ndarray:
+    """Gradient of L = stopgrad(log p_S(a) - log p_T(a)) * log p_S(a):
+    (log p_S(a) - log p_T(a)) * (onehot(a) - p_S)."""
+    adv = k1_64(student_logits, teacher_logits, token)
+    p = _probs(log_softmax64(student_logits))
+    onehot = np.zeros_like(p)
+    onehot[int(token)] = 1.0
+    return adv * (onehot - p)
 
 
 def finite_diff_grad64(fn: Callable[[np.ndarray], float], x, h: float = 1e-6) -> np.ndarray:

@@ -22,9 +22,13 @@ __all__ = [
     "torch_blend_log_probs",
     "torch_blend_kl",
     "torch_blend",
+    "torch_reverse_kl",
+    "torch_forward_kl",
     "torch_topk_ids",
     "torch_topk_reverse_kl",
     "torch_topk_forward_kl",
+    "torch_k1",
+    "torch_k1_pg_surrogate",
     "torch_masked_mean",
     "torch_merge_eos",
     "torch_student_grad",
@@ -165,6 +169,18 @@ def torch_blend(student_logits: TensorLike, teacher_logits: TensorLike, eps: Ten
 # ----------------------------------------------------------------------------------------------
 # losses: per-token outputs over the leading dims
 # ----------------------------------------------------------------------------------------------
+def torch_reverse_kl(student_logits: TensorLike, teacher_logits: TensorLike) -> torch.Tensor:
+    """KL(pi_S || pi_T) per token."""
+    s, t = _pair(student_logits, teacher_logits)
+    return torch_kl(torch_log_softmax(s), torch_log_softmax(t))
+
+
+def torch_forward_kl(student_logits: TensorLike, teacher_logits: TensorLike) -> torch.Tensor:
+    """KL(pi_T || pi_S) per token."""
+    s, t = _pair(student_logits, teacher_logits)
+    return torch_kl(torch_log_softmax(t), torch_log_softmax(s))
+
+
 def torch_topk_ids(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Top-k ids along the last axis, ties broken by the lower index.
 
@@ -204,6 +220,27 @@ def torch_topk_forward_kl(student_logits: TensorLike, teacher_logits: TensorLike
     s, t = _pair(student_logits, teacher_logits)
     ids = torch_topk_ids(t, k)
     return _topk_kl(torch_log_softmax(t), torch_log_softmax(s), t, s, ids, renormalize)
+
+
+def torch_k1(student_logits: TensorLike, teacher_logits: TensorLike, tokens: TensorLike) -> torch.Tensor:
+    """log p_S(token) - log p_T(token) per position; tokens shaped like the leading dims."""
+    s, t = _pair(student_logits, teacher_logits)
+    tok = torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, torch.Tensor) else tokens).long()
+    tok = torch.broadcast_to(tok, s.shape[:-1]).unsqueeze(-1)
+    ls = torch.gather(torch_log_softmax(s), -1, tok).squeeze(-1)
+    lt = torch.gather(torch_log_softmax(t), -1, tok).squeeze(-1)
+    return ls - lt
+
+
+def torch_k1_pg_surrogate(student_logits: TensorLike, teacher_logits: TensorLike,
+                          tokens: TensorLike) -> torch.Tensor:
+    """Policy-gradient surrogate stopgrad(log p_S(a) - log p_T(a)) * log p_S(a) per position."""
+    s, t = _pair(student_logits, teacher_logits)
+    adv = torch_k1(s, t, tokens).detach()
+    tok = torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, torch.Tensor) else tokens).long()
+    tok = torch.broadcast_to(tok, s.shape[:-1]).unsqueeze(-1)
+    logp_a = torch.gather(torch_log_softmax(s), -1, tok).squeeze(-1)
+    return adv * logp_a
 
 
 def torch_masked_mean(x: TensorLike, mask: TensorLike, dim=None) -> torch.Tensor:
