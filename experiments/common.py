@@ -95,9 +95,10 @@ def run(name: str, method: str, seed: int, overrides: dict[str, Any] | None = No
     if is_finished(workdir, total):
         return workdir
     # Several script processes may share the work (e.g. one per core): a run is claimed with
-    # an exclusive lock file; a run claimed by another process is skipped here (None).
+    # an exclusive claim file; a run claimed by another process is skipped here (None). (Not
+    # WORKDIR/.lock: that is the trainer's own lock, trb_jax.locking, which reads it as JSON.)
     os.makedirs(workdir, exist_ok=True)
-    lock = os.path.join(workdir, ".lock")
+    lock = os.path.join(workdir, ".claim")
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
