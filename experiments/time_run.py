@@ -68,11 +68,15 @@ def main(argv: list[str] | None = None) -> None:
     one_run = out["first_update_s"] + (n - 1) * steady + n_evals * out["eval_periodic_s"]
     out["full_run_estimate_s"] = round(one_run, 0)
     out["full_run_updates"], out["full_run_evals"] = n, n_evals
-    # The pre-registered suite: lr tuning (vanilla, 2 lrs, 150 updates), vanilla and trb x 5
-    # seeds, the eps sweep's training part (4 more eps_0 values x 1 seed), then every final
-    # checkpoint re-evaluated on 500 x 4; the diagnostics and the prefix probe are rollouts only.
-    runs = 2 * 150 / n + 10 + 4
-    out["suite_estimate_s"] = round(runs * one_run + 14 * out["eval_final_s"], 0)
+    # The pre-registered suite (docs/results.md): lr tuning (vanilla, 2 lrs x 150 updates),
+    # vanilla and trb x 5 seeds, 11 re-evaluations on 500 x 4 (10 runs + the Base student),
+    # and the rollout-only diagnostics: eps sweep (6 eps x 512 prompts) and prefix probe (5
+    # lengths x 2 prefix sources x 2 continuers x 256 problems x 4 continuations), costed at
+    # the final evaluation's rate per sampled response.
+    runs = 2 * 150 / n + 10
+    per_sample = out["eval_final_s"] / 2000
+    rollouts = (6 * 512 + 5 * 2 * 2 * 256 * 4) * per_sample
+    out["suite_estimate_s"] = round(runs * one_run + 11 * out["eval_final_s"] + rollouts, 0)
     out["suite_runs_equivalent"] = runs
     print(out, flush=True)
     common.write_json(common.results_path("time_run.json"), out)
