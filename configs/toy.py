@@ -5,8 +5,14 @@
 
 Args (comma separated key=value): method (any of trb_jax.methods.METHODS, default trb),
 objective (any of trb_jax.objectives.names(), default opd), seed
-(the run seed: rollout sampling and prompt order; default 0). The models and data are the ones
-shipped in trb_jax/toy/assets (rebuilt by `python -m trb_jax.toy.build`, see docs/toy.md).
+(the run seed: rollout sampling and prompt order; default 0), world (default | hard; default
+default). The models and data are the ones shipped in trb_jax/toy/assets (rebuilt by
+`python -m trb_jax.toy.build`, see docs/toy.md); world=hard uses the hard world shipped in
+trb_jax/toy/assets_hard (6-12 chained steps, responses up to 231 tokens; rebuilt by
+`python -m trb_jax.toy.build --world hard`) with rollouts and evaluations of
+build.HARD_MAX_NEW_TOKENS tokens and 128-token prompts; everything else is the same.
+
+    python -m trb_jax.train --config=configs/toy.py:world=hard,method=trb --workdir=/tmp/hard
 Used by the README's main job (trb_jax.toy.demo) and the reproduction scripts in experiments/.
 """
 
@@ -16,19 +22,23 @@ from trb_jax.toy import build
 
 def get_config(arg: str | None = None):
     options = dict(kv.split("=", 1) for kv in arg.split(",")) if arg else {}
-    world = build.world_paths(build.ASSETS_DIR)
+    world_name = options.pop("world", "default")
+    build_config, assets = build.world_config(world_name)
+    world = build.world_paths(assets)
+    hard = world_name != "default"
     seed = int(options.pop("seed", 0))
     config = base_config()
-    config.prepare = "toy"
+    # "toy" ensures the default world (shipped); the hard world is shipped in assets_hard.
+    config.prepare = "" if hard else "toy"
     config.model.student = str(world.student_dir)
     config.model.teacher = str(world.teacher_dir)
     config.data.source = str(world.train_jsonl)
-    config.data.system_prompt = build.DEFAULT_BUILD.system_prompt
+    config.data.system_prompt = build_config.system_prompt
     config.data.shuffle_seed = seed
     config.rollout.prompts_per_step = 32
     config.rollout.samples_per_prompt = 2
-    config.rollout.max_new_tokens = build.MAX_NEW_TOKENS
-    config.rollout.prompt_length = 64
+    config.rollout.max_new_tokens = build.max_new_tokens(build_config)
+    config.rollout.prompt_length = 128 if hard else 64  # hard prompts: at most 123 tokens
     config.method.name = options.pop("method", "trb")
     config.objective.name = options.pop("objective", "opd")
     config.method.eps0 = 0.1
@@ -49,9 +59,9 @@ def get_config(arg: str | None = None):
     config.train.chunk_size = 48
     config.eval.datasets.toy_test = dict(source=str(world.test_jsonl), max_examples=128)
     config.eval.num_samples = 2
-    config.eval.max_new_tokens = build.MAX_NEW_TOKENS
+    config.eval.max_new_tokens = build.max_new_tokens(build_config)
     config.eval.batch_size = 128
     if options:
         raise ValueError(f"configs/toy.py: unknown argument(s) {sorted(options)}; "
-                         "known: method, objective, seed")
+                         "known: method, objective, seed, world")
     return config

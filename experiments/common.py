@@ -4,6 +4,11 @@ Every script here runs many short jobs in ONE process, so the compiled rollout a
 programs are shared between runs (a fresh process per run would spend most of its time
 compiling). Each run is an ordinary trb_jax.train workdir (metrics.jsonl, eval.jsonl,
 checkpoints); a finished run is skipped when a script is re-run.
+
+Toy world: every script takes `--world default|hard` (default: $TRB_TOY_WORLD, else
+"default"). The hard world (configs/toy.py:world=hard) keeps its runs in runs/experiments_hard,
+its results in experiments/results_hard and its figures in docs/img/hard; the default world's
+locations are unchanged (runs/experiments, experiments/results, docs/img).
 """
 
 from __future__ import annotations
@@ -21,13 +26,54 @@ from trb_jax import config as config_lib  # noqa: E402
 from trb_jax import methods, trainer  # noqa: E402
 from trb_jax.metric_writer import read_jsonl  # noqa: E402
 
-DEFAULT_OUT = os.path.join(ROOT, "runs", "experiments")
+WORLDS = ("default", "hard")
+WORLD = os.environ.get("TRB_TOY_WORLD", "default")
+
+
+def out_dir(world: str) -> str:
+    """Where a world's experiment runs live."""
+    return os.path.join(ROOT, "runs", "experiments" + ("" if world == "default" else f"_{world}"))
+
+
+DEFAULT_OUT = out_dir(WORLD)
+
+
+def set_world(world: str) -> None:
+    """Selects the toy world of every following call (configs, run folder, result paths)."""
+    global WORLD, DEFAULT_OUT
+    if world not in WORLDS:
+        raise ValueError(f"unknown toy world {world!r}; known: {WORLDS}")
+    WORLD, DEFAULT_OUT = world, out_dir(world)
+
+
+def add_world_arg(parser) -> None:
+    parser.add_argument("--world", default=WORLD, choices=WORLDS,
+                        help="toy world (default: $TRB_TOY_WORLD or 'default')")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan (world, runs, output paths) as JSON and stop")
+
+
+def results_path(name: str) -> str:
+    """experiments/results/NAME (default world) or experiments/results_hard/NAME."""
+    folder = "results" if WORLD == "default" else f"results_{WORLD}"
+    return os.path.join(ROOT, "experiments", folder, name)
+
+
+def img_path(name: str) -> str:
+    """docs/img/NAME (default world) or docs/img/hard/NAME."""
+    return os.path.join(ROOT, "docs", "img", *(() if WORLD == "default" else (WORLD,)), name)
+
+
+def dry_run(plan: dict[str, Any]) -> None:
+    print(json.dumps({"world": WORLD, "out": DEFAULT_OUT, **plan}, indent=1), flush=True)
 
 
 def toy_config(method: str, seed: int, overrides: dict[str, Any] | None = None):
-    """configs/toy.py:method=...,seed=... with dotted-path overrides {"optim.peak_lr": 1e-3}."""
+    """configs/toy.py:method=...,seed=...[,world=hard] (the selected world) with dotted-path
+    overrides {"optim.peak_lr": 1e-3}."""
+    world = "" if WORLD == "default" else f",world={WORLD}"
     cd = config_lib.load_config_file(config_lib.repo_config_path("toy"),
-                                     f"method={method},seed={seed}")
+                                     f"method={method},seed={seed}{world}")
     for path, value in (overrides or {}).items():
         node = cd
         *parents, leaf = path.split(".")
@@ -39,17 +85,18 @@ def toy_config(method: str, seed: int, overrides: dict[str, Any] | None = None):
 
 
 def run(name: str, method: str, seed: int, overrides: dict[str, Any] | None = None,
-        out: str = DEFAULT_OUT) -> str | None:
-    """Trains (or skips, if finished) one toy run in OUT/NAME; returns its workdir, or None if
-    another process is training it right now."""
-    workdir = os.path.join(out, name)
+        out: str | None = None) -> str | None:
+    """Trains (or skips, if finished) one toy run in OUT/NAME (OUT: the world's DEFAULT_OUT);
+    returns its workdir, or None if another process is training it right now."""
+    workdir = os.path.join(out or DEFAULT_OUT, name)
     cd = toy_config(method, seed, overrides)
     cfg = config_lib.to_run_config(cd, workdir=workdir)
     total = methods.total_updates(cfg.method, cfg.train.num_steps)
     if is_finished(workdir, total):
         return workdir
     # Several script processes may share the work (e.g. one per core): a run is claimed with
-    # an exclusive lock file; a run claimed by another process is skipped here (None).
+    # an exclusive claim file; a run claimed by another process is skipped here (None). (Not
+    # WORKDIR/.lock: that is the trainer's own lock, trb_jax.locking, which reads it as JSON.)
     os.makedirs(workdir, exist_ok=True)
     lock = os.path.join(workdir, ".claim")  # not ".lock": that is the trainer's WorkdirLock
     try:

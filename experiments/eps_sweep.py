@@ -1,13 +1,15 @@
 """eps_0 sweep on the toy world with the paper's Fig-7 warmup diagnostics.
 
     python experiments/eps_sweep.py [--eps 0.01,0.03,0.1,0.3,1] [--seeds 3] [--problems 512]
+                                    [--world hard]
 
 Part 1 (diagnostics, no training): the untrained student's rollouts on `--problems` train
 prompts under the TRB behavior at each eps (eps = 0 is the student): mean teacher log-prob of
 the sampled tokens, verifier reward, AUROC of the teacher-support score
 mean(log pi_T - log pi_S) for correct vs incorrect rollouts, realised KL(mu || pi_S), beta*.
 Part 2 (training): TRB runs with eps_0 = each value, `--seeds` seeds; final test pass@1.
-Writes experiments/results/eps_sweep.json and docs/img/eps_sweep.png.
+Writes experiments/results/eps_sweep.json and docs/img/eps_sweep.png (results_hard/ and
+docs/img/hard/ with --world hard).
 """
 
 from __future__ import annotations
@@ -72,16 +74,26 @@ def _wait(workdir: str) -> str:
     return workdir
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
+    common.add_world_arg(ap)
     ap.add_argument("--eps", default="0.01,0.03,0.1,0.3,1")
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--problems", type=int, default=512)
     ap.add_argument("--skip-training", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    common.set_world(args.world)
     eps_values = [float(x) for x in args.eps.split(",")]
+    path = common.results_path("eps_sweep.json")
+    if args.dry_run:
+        default = common.toy_config("trb", 0).method.eps0
+        return common.dry_run({
+            "diagnostics_eps": [0.0] + eps_values, "results": path,
+            "figure": common.img_path("eps_sweep.png"),
+            "runs": [] if args.skip_training else [
+                f"methods/trb_seed{s}" if e == default else f"eps/eps{e}_seed{s}"
+                for s in range(args.seeds) for e in eps_values]})
     results = {"diagnostics": diagnostics([0.0] + eps_values, args.problems, 0)}
-    path = os.path.join(common.ROOT, "experiments", "results", "eps_sweep.json")
     common.write_json(path, results)
     if not args.skip_training:
         results["training"] = {}
@@ -95,7 +107,7 @@ def main() -> None:
                 ev = common.read_jsonl(os.path.join(w, "eval.jsonl"))[-1]
                 results["training"].setdefault(str(eps), []).append(ev[common.pass_key(ev)])
                 common.write_json(path, results)
-    _plot(results, os.path.join(common.ROOT, "docs", "img", "eps_sweep.png"))
+    _plot(results, common.img_path("eps_sweep.png"))
 
 
 def _plot(results: dict, png: str) -> None:
@@ -127,7 +139,7 @@ def _plot(results: dict, png: str) -> None:
         ax.set_xlabel("eps_0")
         ax.set_ylabel("final test pass@1 (TRB)")
         ax.grid(alpha=0.3)
-    fig.suptitle("toy world: step-0 warmup diagnostics against eps (Fig. 7) and eps_0 sweep")
+    fig.suptitle(f"toy world ({common.WORLD}): step-0 warmup diagnostics against eps (Fig. 7) and eps_0 sweep")
     fig.tight_layout()
     os.makedirs(os.path.dirname(png), exist_ok=True)
     fig.savefig(png, dpi=120)

@@ -1,11 +1,12 @@
 """Final pass@1 of every finished experiment run on the WHOLE toy test split, with more samples.
 
-    python experiments/final_eval.py [--samples 4] [--glob 'methods/*']
+    python experiments/final_eval.py [--samples 4] [--glob 'methods/*'] [--world hard]
 
 The periodic evaluation during training (128 problems x 2 samples) is cheap but noisy (one
 run's pass@1 has a standard error of about 0.025). This re-evaluates each run's final
 checkpoint on all 500 test problems x `--samples` samples (fixed sampling seed 0, so every
-run sees the same keys), then writes experiments/results/final_eval.json and prints a
+run sees the same keys), then writes experiments/results/final_eval.json (results_hard/ with
+--world hard, whose runs live in runs/experiments_hard) and prints a
 markdown table per method: mean over seeds +- 95% t interval, and the paired difference to
 vanilla (same seed) with its 95% interval.
 """
@@ -24,7 +25,9 @@ import common
 from trb_jax import config as config_lib
 from trb_jax import plotting, trainer
 
-RESULT = os.path.join(common.ROOT, "experiments", "results", "final_eval.json")
+
+def result_path() -> str:
+    return common.results_path("final_eval.json")
 
 
 def evaluate(workdir: str, method: str, seed: int, samples: int, overrides: dict) -> dict:
@@ -71,18 +74,27 @@ def table(results: dict, base: dict[int, float] | None = None) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
+    common.add_world_arg(ap)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--glob", default="methods/*")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    common.set_world(args.world)
+    RESULT = result_path()
+    if args.dry_run:
+        return common.dry_run({
+            "results": RESULT, "runs_glob": os.path.join(common.DEFAULT_OUT, args.glob),
+            "max_new_tokens": int(common.toy_config("vanilla", 0).eval.max_new_tokens)})
     results = json.load(open(RESULT)) if os.path.exists(RESULT) else {}
     if "base_student" not in results:  # the untrained Base student, same protocol
         cd = common.toy_config("vanilla", 0)
         cd.eval.datasets.toy_test.max_examples = 500
         cd.eval.num_samples, cd.eval.batch_size = args.samples, 256
-        cfg = config_lib.to_run_config(cd, workdir="/tmp/trb_base_eval")
-        out, _ = trainer.evaluate_run(cfg, "/tmp/trb_base_eval", student=cfg.model.student,
+        base_dir = ("/tmp/trb_base_eval" if common.WORLD == "default"
+                    else os.path.join(common.DEFAULT_OUT, "base_eval"))
+        cfg = config_lib.to_run_config(cd, workdir=base_dir)
+        out, _ = trainer.evaluate_run(cfg, base_dir, student=cfg.model.student,
                                       seed=0)
         results["base_student"] = {"group": "base", "seed": 0,
                                    **out["datasets"]["toy_test"]["metrics"]}

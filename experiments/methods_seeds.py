@@ -1,11 +1,12 @@
 """Every warmup method x seeds on the toy world: mean +- 95% CI curves and final pass@1.
 
-    python experiments/methods_seeds.py [--seeds 5] [--methods vanilla,trb,...]
+    python experiments/methods_seeds.py [--seeds 5] [--methods vanilla,trb,...] [--world hard]
 
 Runs configs/toy.py:method=M,seed=S for every pair (same budget: num_steps OPD updates each;
 sft_warmup adds its SFT updates before them), all in this process (shared compiled programs).
-Writes experiments/results/methods_seeds.json (per run: pass@1 at every evaluation, mean reward
-over the last 25 updates, teacher log-prob over the warmup) and docs/img/methods_seeds.png.
+Writes experiments/results/methods_seeds.json (experiments/results_hard/ with --world hard; per run: pass@1 at every evaluation, mean reward
+over the last 25 updates, teacher log-prob over the warmup) and docs/img/methods_seeds.png
+(docs/img/hard/ for the hard world).
 """
 
 from __future__ import annotations
@@ -32,15 +33,24 @@ def summary(workdir: str, warmup: int) -> dict:
             "teacher_logprob_warmup": float(np.mean([r["teacher_logprob"] for r in m[:warmup]]))}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
+    common.add_world_arg(ap)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--methods", default=",".join(ALL))
     ap.add_argument("--reverse", action="store_true",
                     help="work from the last seed down (a second process shares the work)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    common.set_world(args.world)
     names = args.methods.split(",")
     seeds = list(range(args.seeds))
+    if args.dry_run:
+        return common.dry_run({
+            "runs": [f"methods/{m}_seed{s}" for s in seeds for m in names],
+            "results": common.results_path("methods_seeds.json"),
+            "figure": common.img_path("methods_seeds.png"),
+            "max_new_tokens": int(common.toy_config(names[0], 0).rollout.max_new_tokens),
+            "student": str(common.toy_config(names[0], 0).model.student)})
     pending = []
     for seed in (seeds[::-1] if args.reverse else seeds):  # seed-major: every method early
         for method in names:
@@ -66,14 +76,13 @@ def main() -> None:
         print(f"{method:12s} final pass@1 {finals.mean():.3f} +- {table[method]['ci95']:.3f} "
               f"(n={len(ws)})", flush=True)
     results["table"] = table
-    common.write_json(os.path.join(common.ROOT, "experiments", "results", "methods_seeds.json"),
-                      results)
+    common.write_json(common.results_path("methods_seeds.json"), results)
     key = common.pass_key(common.read_jsonl(os.path.join(runs[names[0]][0], "eval.jsonl"))[0])
     plotting.plot_curves(runs, [("reward", "metrics", "rollout reward"),
                                 (key, "eval", "test pass@1"),
                                 ("teacher_logprob", "metrics", "teacher log-prob")],
-                         os.path.join(common.ROOT, "docs", "img", "methods_seeds.png"), smooth=10,
-                         title=f"toy world: every method, mean +- 95% CI over {args.seeds} seeds")
+                         common.img_path("methods_seeds.png"), smooth=10,
+                         title=f"toy world ({common.WORLD}): every method, mean +- 95% CI over {args.seeds} seeds")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """Step-0 prefix probe (docs/method.md §6): are TRB's prefixes better than the student's own?
 
     python experiments/prefix_probe.py [--problems 256] [--eps0 0.1] [--lengths 4,8,16,24]
+                                       [--world hard]
 
 With the untrained toy student: sample one response per test problem from TRB (eps_0, the
 behavior of warmup step 0) and one from the pure student (vanilla OPD). Truncate each at t
 response tokens, continue it to the end (n samples) with the student and with the teacher, and
 grade prefix + continuation. Relative gain = success(TRB prefixes) / success(vanilla prefixes) - 1,
 per length and continuer. A response that stopped before t is kept whole (the continuation is
-empty and its grade is the original's). Writes experiments/results/prefix_probe.json.
+empty and its grade is the original's). Writes experiments/results/prefix_probe.json
+(experiments/results_hard/ with --world hard, whose responses are ~6x longer: try
+--lengths 8,20,40,60,80,120).
 """
 
 from __future__ import annotations
@@ -44,14 +47,21 @@ def _sample(models, cfg, behavior, s_ids, t_ids, key, eps, max_new):
     return np.asarray(ro.student_tokens_bt), np.asarray(ro.tokens_bt), np.asarray(ro.lengths_b)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
+    common.add_world_arg(ap)
     ap.add_argument("--problems", type=int, default=256)
     ap.add_argument("--eps0", type=float, default=None, help="default: configs/toy.py's")
     ap.add_argument("--lengths", default="4,8,12,16,24")
     ap.add_argument("--continuations", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    common.set_world(args.world)
+    if args.dry_run:
+        return common.dry_run({"results": common.results_path("prefix_probe.json"),
+                               "lengths": [int(x) for x in args.lengths.split(",")],
+                               "max_new_tokens": int(common.toy_config("trb", args.seed)
+                                                     .rollout.max_new_tokens)})
     cd = common.toy_config("trb", args.seed)
     cfg = config_lib.to_run_config(cd, workdir="/tmp/unused")
     eps0 = cfg.method.eps0 if args.eps0 is None else args.eps0
@@ -101,7 +111,7 @@ def main() -> None:
                 row[f"relative_gain/{who}"] = (r / v - 1.0) if v > 0 else float("nan")
             out["lengths"][t] = row
             print(t, row, flush=True)
-    common.write_json(os.path.join(common.ROOT, "experiments", "results", "prefix_probe.json"), out)
+    common.write_json(common.results_path("prefix_probe.json"), out)
 
 
 if __name__ == "__main__":

@@ -61,3 +61,46 @@ def test_topk_support_ablation_pairs_by_seed_with_the_t_interval():
     assert out["mean_diff"] == pytest.approx(d.mean())
     assert out["ci95"] == pytest.approx((hi - lo) / 2)
     assert (out["wins"], out["losses"], out["n"]) == (3, 1, 5)
+
+
+@pytest.fixture
+def world_reset():
+    import common
+
+    yield common
+    common.set_world("default")
+
+
+@pytest.mark.parametrize("script", ["methods_seeds", "eps_sweep", "prefix_probe", "final_eval",
+                                    "tune_lr", "time_run"])
+def test_every_script_runs_on_the_hard_world_in_its_own_folders(script, world_reset, capsys):
+    """--world hard --dry-run: the plan names the hard world's config (its shipped student,
+    240-token rollouts) and separate run / result / figure folders; the default is unchanged."""
+    import importlib
+    import json
+
+    common = world_reset
+    module = importlib.import_module(script)
+    module.main(["--dry-run"])
+    default = json.loads(capsys.readouterr().out)
+    module.main(["--world", "hard", "--dry-run"])
+    hard = json.loads(capsys.readouterr().out)
+    assert default["world"] == "default" and hard["world"] == "hard"
+    assert default["out"].endswith(os.path.join("runs", "experiments"))
+    assert hard["out"].endswith(os.path.join("runs", "experiments_hard"))
+    sep = os.sep
+    assert f"{sep}experiments{sep}results{sep}" in default["results"]
+    assert f"{sep}experiments{sep}results_hard{sep}" in hard["results"]
+    if "figure" in hard:
+        assert f"{sep}img{sep}hard{sep}" in hard["figure"]
+        assert f"{sep}img{sep}hard{sep}" not in default["figure"]
+    if "max_new_tokens" in hard:
+        assert (default["max_new_tokens"], hard["max_new_tokens"]) == (48, 240)
+    if "student" in hard:
+        assert "assets_hard" in hard["student"] and "assets_hard" not in default["student"]
+    if "runs" in hard:
+        assert hard["runs"] == default["runs"]  # the same plan, in another folder
+    common.set_world("hard")
+    cfg = common.toy_config("vanilla", 1)
+    assert cfg.rollout.max_new_tokens == cfg.eval.max_new_tokens == 240
+    assert "assets_hard" in cfg.data.source and cfg.rollout.prompt_length == 128

@@ -26,7 +26,8 @@ import optax
 
 from trb_jax.models import qwen3
 
-__all__ = ["TrainSpec", "encode_sft", "make_optimizer", "sft_loss", "train_step", "train"]
+__all__ = ["TrainSpec", "encode_sft", "make_optimizer", "sft_loss", "train_step", "train",
+           "bucket_lengths"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,20 +102,59 @@ def _batches(n: int, batch_size: int, seed: int):
         epoch += 1
 
 
+def bucket_lengths(mask_nt: np.ndarray, bucket: int) -> np.ndarray:
+    """Per row: the position after its last response target, rounded up to a multiple of
+    `bucket` (at most the array's length): the columns a length-bucketed batch keeps."""
+    t = mask_nt.shape[1]
+    last = t - np.argmax(mask_nt[:, ::-1] > 0, axis=1)
+    return np.minimum(-(-last // bucket) * bucket, t)
+
+
+def _bucketed_batches(lengths: np.ndarray, batch_size: int, seed: int):
+    """(row indices, length) batches whose rows share a length bucket: each epoch every bucket
+    is permuted (PCG64([seed, epoch, bucket length])) and cut into full batches, and the
+    batches of all buckets are visited in a PCG64([seed, epoch]) permutation."""
+    epoch = 0
+    groups = {int(L): np.flatnonzero(lengths == L) for L in np.unique(lengths)}
+    while True:
+        batches = []
+        for L, rows in groups.items():
+            perm = rows[np.random.Generator(np.random.PCG64([seed, epoch, L])).permutation(
+                len(rows))]
+            batches += [(perm[i:i + batch_size], L)
+                        for i in range(0, len(perm) - batch_size + 1, batch_size)]
+        if not batches:
+            raise ValueError(f"no length bucket holds a full batch of {batch_size}")
+        for j in np.random.Generator(np.random.PCG64([seed, epoch])).permutation(len(batches)):
+            yield batches[j]
+        epoch += 1
+
+
 def train(params, config: qwen3.Qwen3Config, tokens_nt: np.ndarray, mask_nt: np.ndarray,
-          spec: TrainSpec, seed: int = 0, log_every: int = 0, name: str = "model"):
-    """`spec.steps` AdamW steps over shuffled batches -> (params, per-step losses [steps])."""
+          spec: TrainSpec, seed: int = 0, log_every: int = 0, name: str = "model",
+          bucket: int = 0):
+    """`spec.steps` AdamW steps over shuffled batches -> (params, per-step losses [steps]).
+
+    bucket > 0: every batch holds rows of one length bucket (`bucket_lengths`) and is cut to
+    that length (less padding for corpora of mixed lengths; one compiled step per bucket).
+    bucket = 0 (default): batches of the full padded length, as the first toy world was built.
+    """
     optimizer = make_optimizer(spec)
     params = jax.tree.map(jnp.array, params)  # a private copy: the steps donate it
     opt_state = optimizer.init(params)
     losses = np.zeros(spec.steps, np.float32)
-    batches = _batches(len(tokens_nt), spec.batch_size, seed)
+    if bucket:
+        batches = _bucketed_batches(bucket_lengths(mask_nt, bucket), spec.batch_size, seed)
+    else:
+        batches = ((idx, mask_nt.shape[1]) for idx in _batches(len(tokens_nt), spec.batch_size,
+                                                               seed))
     start = time.perf_counter()
     pending = []
     for step in range(spec.steps):
-        idx = next(batches)
-        params, opt_state, loss = train_step(params, opt_state, tokens_nt[idx], mask_nt[idx],
-                                             config=config, optimizer=optimizer)
+        idx, length = next(batches)
+        params, opt_state, loss = train_step(params, opt_state, tokens_nt[idx, :length + 1],
+                                             mask_nt[idx, :length], config=config,
+                                             optimizer=optimizer)
         pending.append((step, loss))
         if log_every and ((step + 1) % log_every == 0 or step + 1 == spec.steps):
             for i, l in pending:

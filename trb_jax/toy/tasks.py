@@ -37,8 +37,11 @@ __all__ = [
     "ADD_VERBS",
     "SUB_VERBS",
     "TaskConfig",
+    "HardTaskConfig",
     "Task",
     "render_solution",
+    "render_hard_solution",
+    "solution_steps",
     "sample_task",
     "generate",
     "make_splits",
@@ -81,6 +84,32 @@ class TaskConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class HardTaskConfig:
+    """The hard world's problems: long chains of dependent steps over a two-digit running total.
+
+    `min_steps`..`max_steps` operations; the start and every running total stay in
+    [min_total, max_total] (two digits by default, so every step line has a fixed token
+    length); operands 1..max_operand. `noise` as in `TaskConfig` (a wrong step's error is
+    carried by every later step)."""
+
+    min_steps: int = 6
+    max_steps: int = 12
+    min_total: int = 10
+    max_total: int = 99
+    max_operand: int = 9
+    noise: float = 0.0
+
+    def __post_init__(self):
+        if not 1 <= self.min_steps <= self.max_steps:
+            raise ValueError(f"need 1 <= min_steps <= max_steps, got {self.min_steps}, "
+                             f"{self.max_steps}")
+        if not 0 <= self.min_total < self.max_total or self.max_operand < 1:
+            raise ValueError("need 0 <= min_total < max_total and max_operand >= 1")
+        if not 0.0 <= self.noise <= 1.0:
+            raise ValueError(f"noise must be in [0, 1], got {self.noise}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Task:
     """One problem. `ops` are (sign, operand) pairs; `solution` is the worked solution the
     model is trained on (wrong when the task was drawn with noise); `answer` is always true."""
@@ -109,8 +138,10 @@ def render_solution(start: int, ops: Sequence[tuple[str, int]],
     return "\n".join(lines)
 
 
-def sample_task(rng: np.random.Generator, config: TaskConfig) -> Task:
+def sample_task(rng: np.random.Generator, config: TaskConfig | HardTaskConfig) -> Task:
     """One random task (numbers, wording and noise drawn from `rng`)."""
+    if isinstance(config, HardTaskConfig):
+        return _sample_hard_task(rng, config)
     name, pronoun = NAMES[rng.integers(len(NAMES))]
     item = ITEMS[rng.integers(len(ITEMS))]
     n_steps = int(rng.integers(config.min_steps, config.max_steps + 1))
@@ -137,7 +168,55 @@ def sample_task(rng: np.random.Generator, config: TaskConfig) -> Task:
                 start=start, ops=tuple(ops))
 
 
-def generate(config: TaskConfig, n: int, seed: int, split: str = "train",
+def render_hard_solution(name: str, item: str, start: int, ops: Sequence[tuple[str, int]],
+                         errors: Sequence[int] | None = None) -> str:
+    """The hard world's worked solution: the start restated, then one line per operation
+    "(k) a+b=c, Name has c items." carrying the running total, then "\\boxed{final}";
+    errors[i] is added to step i's result and carried into the following steps."""
+    lines, total = [f"{name} has {start} {item}."], start
+    for i, (sign, operand) in enumerate(ops):
+        result = total + operand if sign == "+" else total - operand
+        result += 0 if errors is None else int(errors[i])
+        lines.append(f"({i + 1}) {total}{sign}{operand}={result}, {name} has {result} {item}.")
+        total = result
+    lines.append(f"\\boxed{{{total}}}")
+    return "\n".join(lines)
+
+
+def solution_steps(text: str) -> list[str]:
+    """The step lines "(k) ..." of a hard-world response, in order (prefix checks: the first k
+    steps of a response are right when they equal the first k of the true solution)."""
+    return [line for line in text.split("\n") if line.startswith("(")]
+
+
+def _sample_hard_task(rng: np.random.Generator, config: HardTaskConfig) -> Task:
+    name, pronoun = NAMES[rng.integers(len(NAMES))]
+    item = ITEMS[rng.integers(len(ITEMS))]
+    n_steps = int(rng.integers(config.min_steps, config.max_steps + 1))
+    start = int(rng.integers(config.min_total, config.max_total + 1))
+    total, ops, sentences = start, [], []
+    for k in range(n_steps):
+        can_add = total + 1 <= config.max_total
+        can_sub = total - 1 >= config.min_total
+        sign = "+" if (can_add and (not can_sub or rng.random() < 0.5)) else "-"
+        room = config.max_total - total if sign == "+" else total - config.min_total
+        operand = int(rng.integers(1, min(config.max_operand, room) + 1))
+        verbs = ADD_VERBS if sign == "+" else SUB_VERBS
+        sentences.append(f"({k + 1}) {pronoun} {verbs[rng.integers(len(verbs))]} {operand}.")
+        total = total + operand if sign == "+" else total - operand
+        ops.append((sign, operand))
+    problem = f"{name} has {start} {item}. " + " ".join(sentences) + f" How many {item} now?"
+    errors = None
+    if config.noise > 0:
+        wrong = rng.random(n_steps) < config.noise
+        offsets = rng.choice(np.array([-2, -1, 1, 2]), size=n_steps)
+        errors = np.where(wrong, offsets, 0)
+    return Task(problem=problem, answer=str(total),
+                solution=render_hard_solution(name, item, start, ops, errors), start=start,
+                ops=tuple(ops))
+
+
+def generate(config: TaskConfig | HardTaskConfig, n: int, seed: int, split: str = "train",
              exclude: Iterable[str] = ()) -> list[Task]:
     """`n` distinct tasks of `split`'s stream for `seed`, skipping problem texts in `exclude`."""
     rng = np.random.Generator(np.random.PCG64([seed, _STREAM[split]]))
@@ -156,8 +235,8 @@ def generate(config: TaskConfig, n: int, seed: int, split: str = "train",
     return out
 
 
-def make_splits(config: TaskConfig, n_train: int, n_test: int, seed: int = 0,
-                test_config: TaskConfig | None = None) -> tuple[list[Task], list[Task]]:
+def make_splits(config: TaskConfig | HardTaskConfig, n_train: int, n_test: int, seed: int = 0,
+                test_config: TaskConfig | HardTaskConfig | None = None) -> tuple[list[Task], list[Task]]:
     """(train, test) for `seed`: disjoint problem texts; test drawn with `test_config`
     (default: `config` without noise)."""
     test_config = test_config or dataclasses.replace(config, noise=0.0)
