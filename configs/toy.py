@@ -49,6 +49,8 @@ def get_config(arg: str | None = None):
     config.method.sft_steps = 10
     config.method.beta_start = 0.5
     config.optim.peak_lr = 1e-3  # experiments/tune_lr.py: 3e-3 collapses the student first
+    if hard:  # experiments/tune_lr.py --world hard --methods vanilla, the pre-registered rule
+        config.optim.peak_lr = 3e-3
     config.optim.warmup_steps = 5
     config.optim.decay_steps = 100
     config.optim.end_lr_fraction = 0.1
