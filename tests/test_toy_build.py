@@ -83,14 +83,12 @@ def test_ensure_uses_the_cache(mini_world):
     assert info["config"] == MINI.to_json()
 
 
-def test_shipped_world_matches_the_build():
-    # the world is committed (trb_jax/toy/assets): a missing file is a failure, not a skip
-    assert build.is_complete(build.ASSETS_DIR)
-    world = build.ensure_toy_world()
-    assert world.root == build.ASSETS_DIR
+def check_shipped_world(world, cfg, *, max_new_tokens=None):
+    """The shipped files of `world` against its build config `cfg`: the config recorded in
+    build.json, both JSONL splits regenerated from the seed, each model's config, tokenizer
+    (chat template for the teacher only), generation length and a finite forward."""
     info = json.loads((world.root / "build.json").read_text())
-    assert info["config"] == build.DEFAULT_BUILD.to_json()
-    cfg = build.DEFAULT_BUILD
+    assert info["config"] == cfg.to_json()
     train, test = tasks.make_splits(cfg.task, cfg.n_train, cfg.n_test, cfg.seed)
     assert tasks.read_jsonl(world.test_jsonl) == [t.to_record() for t in test]
     assert tasks.read_jsonl(world.train_jsonl) == [t.to_record() for t in train]
@@ -102,8 +100,19 @@ def test_shipped_world_matches_the_build():
         tok = transformers.AutoTokenizer.from_pretrained(str(directory))
         assert tok.get_vocab() == vocab
         assert (tok.chat_template is not None) == chat
+        if max_new_tokens is not None:
+            gen = json.loads((directory / "generation_config.json").read_text())
+            assert gen["max_new_tokens"] == max_new_tokens
         logits = model(np.asarray([[0, 5, 6]], np.int32))
         assert logits.shape == (1, 3, len(vocab)) and np.all(np.isfinite(logits))
+
+
+def test_shipped_world_matches_the_build():
+    # the world is committed (trb_jax/toy/assets): a missing file is a failure, not a skip
+    assert build.is_complete(build.ASSETS_DIR)
+    world = build.ensure_toy_world()
+    assert world.root == build.ASSETS_DIR
+    check_shipped_world(world, build.DEFAULT_BUILD)
 
 
 def test_shipped_models_meet_the_accuracy_targets():

@@ -8,11 +8,11 @@ import re
 import jax
 import numpy as np
 import pytest
-import transformers
 
-from trb_jax.models import checkpoint, qwen3
+from trb_jax.models import qwen3
 from trb_jax.rewards import grade
 from trb_jax.toy import build, pretrain, tasks, tokenizer
+from test_toy_build import check_shipped_world
 
 HARD = tasks.HardTaskConfig()
 LINE = re.compile(r"\((\d+)\) (\d+)([+-])(\d+)=(-?\d+), (\w+) has (-?\d+) (\w+)\.")
@@ -141,24 +141,7 @@ def _shipped_info() -> dict:
 def test_shipped_hard_world_matches_the_build():
     world = build.ensure_toy_world(world="hard")
     assert world.root == build.HARD_ASSETS_DIR
-    info = _shipped_info()
-    cfg = build.HARD_BUILD
-    assert info["config"] == cfg.to_json()
-    train, test = tasks.make_splits(cfg.task, cfg.n_train, cfg.n_test, cfg.seed)
-    assert tasks.read_jsonl(world.test_jsonl) == [t.to_record() for t in test]
-    assert tasks.read_jsonl(world.train_jsonl) == [t.to_record() for t in train]
-    vocab = tokenizer.vocabulary()
-    for directory, spec, chat in ((world.teacher_dir, cfg.teacher, True),
-                                  (world.student_dir, cfg.student, False)):
-        model = checkpoint.from_pretrained(directory)
-        assert model.config == build.model_config(spec, len(vocab))
-        tok = transformers.AutoTokenizer.from_pretrained(str(directory))
-        assert tok.get_vocab() == vocab
-        assert (tok.chat_template is not None) == chat
-        gen = json.loads((directory / "generation_config.json").read_text())
-        assert gen["max_new_tokens"] == build.HARD_MAX_NEW_TOKENS
-        logits = model(np.asarray([[0, 5, 6]], np.int32))
-        assert logits.shape == (1, 3, len(vocab)) and np.all(np.isfinite(logits))
+    check_shipped_world(world, build.HARD_BUILD, max_new_tokens=build.HARD_MAX_NEW_TOKENS)
 
 
 def test_shipped_hard_world_meets_the_recorded_accuracy_targets():

@@ -62,6 +62,15 @@ SUB_VERBS: tuple[str, ...] = ("loses", "sells", "gives away", "uses")
 _STREAM = {"train": 1, "test": 2}
 
 
+def _check_steps_and_noise(config) -> None:
+    """Raises ValueError unless 1 <= min_steps <= max_steps and noise is in [0, 1]."""
+    if not 1 <= config.min_steps <= config.max_steps:
+        raise ValueError(f"need 1 <= min_steps <= max_steps, got {config.min_steps}, "
+                         f"{config.max_steps}")
+    if not 0.0 <= config.noise <= 1.0:
+        raise ValueError(f"noise must be in [0, 1], got {config.noise}")
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
     """Difficulty of the generated problems (see the module docstring)."""
@@ -74,13 +83,9 @@ class TaskConfig:
     noise: float = 0.0
 
     def __post_init__(self):
-        if not 1 <= self.min_steps <= self.max_steps:
-            raise ValueError(f"need 1 <= min_steps <= max_steps, got {self.min_steps}, "
-                             f"{self.max_steps}")
+        _check_steps_and_noise(self)
         if not 1 <= self.max_start <= self.max_total or self.max_operand < 1:
             raise ValueError("need 1 <= max_start <= max_total and max_operand >= 1")
-        if not 0.0 <= self.noise <= 1.0:
-            raise ValueError(f"noise must be in [0, 1], got {self.noise}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,13 +105,9 @@ class HardTaskConfig:
     noise: float = 0.0
 
     def __post_init__(self):
-        if not 1 <= self.min_steps <= self.max_steps:
-            raise ValueError(f"need 1 <= min_steps <= max_steps, got {self.min_steps}, "
-                             f"{self.max_steps}")
+        _check_steps_and_noise(self)
         if not 0 <= self.min_total < self.max_total or self.max_operand < 1:
             raise ValueError("need 0 <= min_total < max_total and max_operand >= 1")
-        if not 0.0 <= self.noise <= 1.0:
-            raise ValueError(f"noise must be in [0, 1], got {self.noise}")
 
 
 @dataclasses.dataclass(frozen=True)
