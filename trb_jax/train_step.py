@@ -427,8 +427,11 @@ def score_response(
         tok_bc1 = c["tok"][..., None]
         log_t_bcv = _log_probs(teacher(c["xt"]), eos) if teacher is not None else None
         nan_bc = jnp.full(tok_bc1.shape[:2], jnp.nan, jnp.float32)
-        top_bck, top_ids = jax.lax.top_k(log_s_bcv, top_k)  # ties: lower id first
-        mass_bc = jnp.sum(jnp.exp(top_bck), axis=-1)
+        if "topk_ids_btk" in c:  # the stored student top-k: no top_k over V needed
+            top_ids = None
+        else:
+            top_bck, top_ids = jax.lax.top_k(log_s_bcv, top_k)  # ties: lower id first
+            mass_bc = jnp.sum(jnp.exp(top_bck), axis=-1)
         ids, log_t = [], []
         for support in supports:
             if support == "sampled":
@@ -439,7 +442,6 @@ def score_response(
             elif "topk_ids_btk" in c and support == "student_topk":
                 ids.append(c["topk_ids_btk"])
                 log_t.append(c["topk_teacher_logprob_btk"])
-                mass_bc = jnp.sum(jnp.exp(jnp.take_along_axis(log_s_bcv, ids[-1], -1)), axis=-1)
                 continue
             elif "teacher_topk_ids_btk" in c and support == "teacher_topk":
                 ids.append(c["teacher_topk_ids_btk"])
@@ -453,6 +455,8 @@ def score_response(
                 ids.append(jax.lax.top_k(log_t_bcv, top_k)[1])
             log_t.append(jnp.take_along_axis(log_t_bcv, ids[-1], axis=-1) if log_t_bcv is not None
                          else jnp.full(ids[-1].shape, jnp.nan, jnp.float32))
+        if top_ids is None:  # the student's mass on its stored top-k ids
+            mass_bc = jnp.sum(jnp.exp(jnp.take_along_axis(log_s_bcv, c["topk_ids_btk"], -1)), axis=-1)
         ids_bcm = jnp.concatenate(ids, axis=-1)
         out = {
             "ids_btm": ids_bcm,

@@ -139,34 +139,53 @@ def render_solution(start: int, ops: Sequence[tuple[str, int]],
     return "\n".join(lines)
 
 
+def _sample_steps(rng: np.random.Generator, pronoun: str, start: int, n_steps: int, lo: int,
+                  hi: int, max_operand: int, numbered: bool):
+    """(final total, ops, problem sentences) of n_steps random operations that keep the running
+    total in [lo, hi]; `numbered` prefixes each sentence with "(k) " (the hard world)."""
+    total, ops, sentences = start, [], []
+    for k in range(n_steps):
+        # Only moves that keep the running total in [lo, hi] are allowed.
+        can_add = total + 1 <= hi
+        can_sub = total - 1 >= lo
+        sign = "+" if (can_add and (not can_sub or rng.random() < 0.5)) else "-"
+        room = hi - total if sign == "+" else total - lo
+        operand = int(rng.integers(1, min(max_operand, room) + 1))
+        verbs = ADD_VERBS if sign == "+" else SUB_VERBS
+        number = f"({k + 1}) " if numbered else ""
+        sentences.append(f"{number}{pronoun} {verbs[rng.integers(len(verbs))]} {operand}.")
+        total = total + operand if sign == "+" else total - operand
+        ops.append((sign, operand))
+    return total, ops, sentences
+
+
+def _draw_errors(rng: np.random.Generator, n_steps: int, noise: float) -> np.ndarray | None:
+    """Per-step result offsets (0, or +-1 / +-2 with probability `noise`); None without noise."""
+    if noise <= 0:
+        return None
+    wrong = rng.random(n_steps) < noise
+    offsets = rng.choice(np.array([-2, -1, 1, 2]), size=n_steps)
+    return np.where(wrong, offsets, 0)
+
+
 def sample_task(rng: np.random.Generator, config: TaskConfig | HardTaskConfig) -> Task:
     """One random task (numbers, wording and noise drawn from `rng`)."""
-    if isinstance(config, HardTaskConfig):
-        return _sample_hard_task(rng, config)
+    hard = isinstance(config, HardTaskConfig)
     name, pronoun = NAMES[rng.integers(len(NAMES))]
     item = ITEMS[rng.integers(len(ITEMS))]
     n_steps = int(rng.integers(config.min_steps, config.max_steps + 1))
-    start = int(rng.integers(1, config.max_start + 1))
-    total, ops, sentences = start, [], []
-    for _ in range(n_steps):
-        # Only moves that keep the running total in [0, max_total] are allowed.
-        can_add = total + 1 <= config.max_total
-        can_sub = total >= 1
-        sign = "+" if (can_add and (not can_sub or rng.random() < 0.5)) else "-"
-        limit = min(config.max_operand, config.max_total - total if sign == "+" else total)
-        operand = int(rng.integers(1, limit + 1))
-        verbs = ADD_VERBS if sign == "+" else SUB_VERBS
-        sentences.append(f"{pronoun} {verbs[rng.integers(len(verbs))]} {operand}.")
-        total = total + operand if sign == "+" else total - operand
-        ops.append((sign, operand))
+    if hard:
+        start, lo = int(rng.integers(config.min_total, config.max_total + 1)), config.min_total
+    else:
+        start, lo = int(rng.integers(1, config.max_start + 1)), 0
+    total, ops, sentences = _sample_steps(rng, pronoun, start, n_steps, lo, config.max_total,
+                                          config.max_operand, numbered=hard)
     problem = f"{name} has {start} {item}. " + " ".join(sentences) + f" How many {item} now?"
-    errors = None
-    if config.noise > 0:
-        wrong = rng.random(n_steps) < config.noise
-        offsets = rng.choice(np.array([-2, -1, 1, 2]), size=n_steps)
-        errors = np.where(wrong, offsets, 0)
-    return Task(problem=problem, answer=str(total), solution=render_solution(start, ops, errors),
-                start=start, ops=tuple(ops))
+    errors = _draw_errors(rng, n_steps, config.noise)
+    solution = (render_hard_solution(name, item, start, ops, errors) if hard
+                else render_solution(start, ops, errors))
+    return Task(problem=problem, answer=str(total), solution=solution, start=start,
+                ops=tuple(ops))
 
 
 def render_hard_solution(name: str, item: str, start: int, ops: Sequence[tuple[str, int]],
@@ -188,33 +207,6 @@ def solution_steps(text: str) -> list[str]:
     """The step lines "(k) ..." of a hard-world response, in order (prefix checks: the first k
     steps of a response are right when they equal the first k of the true solution)."""
     return [line for line in text.split("\n") if line.startswith("(")]
-
-
-def _sample_hard_task(rng: np.random.Generator, config: HardTaskConfig) -> Task:
-    name, pronoun = NAMES[rng.integers(len(NAMES))]
-    item = ITEMS[rng.integers(len(ITEMS))]
-    n_steps = int(rng.integers(config.min_steps, config.max_steps + 1))
-    start = int(rng.integers(config.min_total, config.max_total + 1))
-    total, ops, sentences = start, [], []
-    for k in range(n_steps):
-        can_add = total + 1 <= config.max_total
-        can_sub = total - 1 >= config.min_total
-        sign = "+" if (can_add and (not can_sub or rng.random() < 0.5)) else "-"
-        room = config.max_total - total if sign == "+" else total - config.min_total
-        operand = int(rng.integers(1, min(config.max_operand, room) + 1))
-        verbs = ADD_VERBS if sign == "+" else SUB_VERBS
-        sentences.append(f"({k + 1}) {pronoun} {verbs[rng.integers(len(verbs))]} {operand}.")
-        total = total + operand if sign == "+" else total - operand
-        ops.append((sign, operand))
-    problem = f"{name} has {start} {item}. " + " ".join(sentences) + f" How many {item} now?"
-    errors = None
-    if config.noise > 0:
-        wrong = rng.random(n_steps) < config.noise
-        offsets = rng.choice(np.array([-2, -1, 1, 2]), size=n_steps)
-        errors = np.where(wrong, offsets, 0)
-    return Task(problem=problem, answer=str(total),
-                solution=render_hard_solution(name, item, start, ops, errors), start=start,
-                ops=tuple(ops))
 
 
 def generate(config: TaskConfig | HardTaskConfig, n: int, seed: int, split: str = "train",
