@@ -217,9 +217,11 @@ def test_model_gradients_match_across_implementations():
     got_loss, got = grad(params, dataclasses.replace(config, attention="blockwise", attention_block_size=4))
     assert abs(float(got_loss - want_loss)) <= 1e-5 * abs(float(want_loss))
     # Per attention call the two agree to ~3e-7 (tests above); two layers of a sharpened model
-    # and the unembedding amplify that rounding to ~1.4e-5 in the worst parameter gradient.
+    # and the unembedding amplify that rounding to ~1.4e-5 in the worst parameter gradient with
+    # XLA's optimised CPU codegen and ~6.4e-5 with the unoptimised codegen the suite uses
+    # (conftest), which sums in another order. A masking or rescaling bug is O(1).
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        assert _rel(g, w) <= 5e-5
+        assert _rel(g, w) <= 1.5e-4
 
 
 def test_blockwise_decode_in_while_loop_equals_forward():

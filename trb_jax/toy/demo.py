@@ -1,12 +1,14 @@
 """The README's main job: vanilla OPD vs TRB on the toy math world, on CPU, in minutes.
 
-    python -m trb_jax.toy.demo [--out runs/toy_demo] [--seed 0] [--steps N]
+    python -m trb_jax.toy.demo [--out runs/toy_demo] [--seed 0] [--steps N] [--world hard]
 
 Loads the shipped toy teacher and Base student (trb_jax/toy/assets; rebuilt by
 `python -m trb_jax.toy.build` if missing), trains the student with vanilla OPD and with TRB from
 the same seed and budget (configs/toy.py), evaluates pass@1 on the toy test split along the
 way, prints a table and writes OUT/toy_demo.png (reward and pass@1 against update).
 Re-running resumes (or skips) finished runs: each run is an ordinary trb_jax.train workdir.
+`--world hard` runs the same comparison on the hard world (configs/toy.py:world=hard; about
+9 min per run on a 2-core CPU, so about 18 min in all; default OUT runs/toy_demo_hard).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from trb_jax.metric_writer import read_jsonl
 METHODS = ("vanilla", "trb")
 
 
-def run_method(method: str, out: str, seed: int, steps: int | None) -> str:
+def run_method(method: str, out: str, seed: int, steps: int | None,
+               world: str = "default") -> str:
     cd = config_lib.load_config_file(config_lib.repo_config_path("toy"),
-                                     f"method={method},seed={seed}")
+                                     f"method={method},seed={seed},world={world}")
     if steps is not None:
         cd.train.num_steps = steps
         cd.optim.decay_steps = steps
@@ -52,15 +55,18 @@ def table(workdirs: dict[str, str]) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/toy_demo")
+    parser.add_argument("--out", default=None, help="default: runs/toy_demo (runs/toy_demo_hard "
+                        "with --world hard)")
+    parser.add_argument("--world", default="default", choices=("default", "hard"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="updates per run (default: "
                         "configs/toy.py's)")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
+    out = args.out or ("runs/toy_demo" if args.world == "default" else f"runs/toy_demo_{args.world}")
     start = time.perf_counter()
-    workdirs = {m: run_method(m, args.out, args.seed, args.steps) for m in METHODS}
+    workdirs = {m: run_method(m, out, args.seed, args.steps, args.world) for m in METHODS}
     print(table(workdirs))
     key = next(k for k in read_jsonl(os.path.join(workdirs["trb"], "eval.jsonl"))[0]
                if k.endswith("/pass@1"))
@@ -68,8 +74,8 @@ def main(argv=None) -> None:
         {m: [w] for m, w in workdirs.items()},
         [("reward", "metrics", "rollout reward"), (key, "eval", "test pass@1"),
          ("teacher_logprob", "metrics", "teacher log-prob of sampled tokens")],
-        os.path.join(args.out, "toy_demo.png"), smooth=5,
-        title=f"toy world, seed {args.seed}: vanilla OPD vs TRB")
+        os.path.join(out, "toy_demo.png"), smooth=5,
+        title=f"toy world ({args.world}), seed {args.seed}: vanilla OPD vs TRB")
     print(f"plot: {png}")
     print(f"total {time.perf_counter() - start:.0f} s")
 
