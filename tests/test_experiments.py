@@ -72,7 +72,7 @@ def world_reset():
 
 
 @pytest.mark.parametrize("script", ["methods_seeds", "eps_sweep", "prefix_probe", "final_eval",
-                                    "tune_lr", "time_run"])
+                                    "tune_lr", "time_run", "verdicts"])
 def test_every_script_runs_on_the_hard_world_in_its_own_folders(script, world_reset, capsys):
     """--world hard --dry-run: the plan names the hard world's config (its shipped student,
     240-token rollouts) and separate run / result / figure folders; the default is unchanged."""
@@ -104,3 +104,47 @@ def test_every_script_runs_on_the_hard_world_in_its_own_folders(script, world_re
     cfg = common.toy_config("vanilla", 1)
     assert cfg.rollout.max_new_tokens == cfg.eval.max_new_tokens == 240
     assert "assets_hard" in cfg.data.source and cfg.rollout.prompt_length == 128
+
+
+# ------------------------------------------------ the pre-registered rules (experiments/verdicts.py)
+
+@pytest.mark.parametrize("diffs, verdict", [
+    ([0.02, 0.03, 0.01, 0.025, 0.015], "win"),
+    ([-0.02, -0.03, -0.01, -0.025, -0.015], "loss"),
+    ([0.05, 0.05, 0.05, 0.05, -0.15], "inconclusive"),  # 4/5 positive, interval holds 0
+    ([0.02, 0.03, 0.01, -0.0001, -0.0001], "inconclusive"),  # only 3/5 positive
+])
+def test_paired_rule_needs_the_interval_and_four_of_five(diffs, verdict):
+    import verdicts
+
+    d = np.array(diffs)
+    out = verdicts.paired_rule(d)
+    lo, hi = stats.t.interval(0.95, 4, loc=d.mean(), scale=stats.sem(d))
+    assert (out["low"], out["high"]) == pytest.approx((lo, hi))
+    assert out["verdict"] == verdict
+
+
+def test_auroc_rule_skips_undefined_levels_and_needs_the_end_points():
+    import verdicts
+
+    levels = lambda au: {"diagnostics": [{"eps": e, "auroc": a} for e, a in  # noqa: E731
+                                         zip((0.0, 0.01, 0.03, 0.1, 0.3, 1.0), au)]}
+    falling = verdicts.h2b(levels([0.9, 0.8, float("nan"), 0.7, 0.6, 0.5]))
+    assert falling["verdict"] == "supported" and falling["eps"] == [0.0, 0.01, 0.1, 0.3, 1.0]
+    assert falling["spearman"] == pytest.approx(-1.0)
+    assert verdicts.h2b(levels([0.6, 0.65, 0.7, 0.75, 0.8, 0.9]))["verdict"] == "contradicted"
+    assert verdicts.h2b(levels([0.6, 0.8, 0.6, 0.8, 0.6, 0.8]))["verdict"] == "inconclusive"
+
+
+def test_prefix_rule_reports_when_both_rules_fire():
+    import verdicts
+
+    def probe(gains):
+        return {"lengths": {str(t): {"relative_gain/student": g, "relative_gain/teacher": 0.0}
+                            for t, g in zip((25, 43, 61, 79, 115), gains)}}
+
+    assert verdicts.h3(probe([0.1, 0.2, 0.3, 0.4, 0.5]))["verdict"] == "supported"
+    assert verdicts.h3(probe([0.5, 0.4, 0.3, 0.2, 0.1]))["verdict"] == "contradicted"
+    assert verdicts.h3(probe([-0.5, -0.4, -0.3, -0.2, -0.1]))["verdict"] == (
+        "both rules fire: inconclusive")
+    assert verdicts.h3(probe([0.3, 0.1, 0.5, 0.2, 0.4]))["verdict"] == "inconclusive"
