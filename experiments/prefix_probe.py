@@ -7,7 +7,8 @@ With the untrained toy student: sample one response per test problem from TRB (e
 behavior of warmup step 0) and one from the pure student (vanilla OPD). Truncate each at t
 response tokens, continue it to the end (n samples) with the student and with the teacher, and
 grade prefix + continuation. Relative gain = success(TRB prefixes) / success(vanilla prefixes) - 1,
-per length and continuer. A response that stopped before t is kept whole (the continuation is
+per length and continuer; the figure is docs/img/prefix_probe.png (docs/img/hard/ with
+--world hard; `--plot-only` redraws it from the results file). A response that stopped before t is kept whole (the continuation is
 empty and its grade is the original's). Writes experiments/results/prefix_probe.json
 (experiments/results_hard/ with --world hard, whose responses are ~6x longer: try
 --lengths 8,20,40,60,80,120).
@@ -16,6 +17,7 @@ empty and its grade is the original's). Writes experiments/results/prefix_probe.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import jax
@@ -55,10 +57,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lengths", default="4,8,12,16,24")
     ap.add_argument("--continuations", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--plot-only", action="store_true",
+                    help="redraw the figure from the results file and stop")
     args = ap.parse_args(argv)
     common.set_world(args.world)
+    if args.plot_only:
+        with open(common.results_path("prefix_probe.json")) as f:
+            return plot(json.load(f), common.img_path("prefix_probe.png"))
     if args.dry_run:
         return common.dry_run({"results": common.results_path("prefix_probe.json"),
+                               "figure": common.img_path("prefix_probe.png"),
                                "lengths": [int(x) for x in args.lengths.split(",")],
                                "max_new_tokens": int(common.toy_config("trb", args.seed)
                                                      .rollout.max_new_tokens)})
@@ -112,6 +120,40 @@ def main(argv: list[str] | None = None) -> None:
             out["lengths"][t] = row
             print(t, row, flush=True)
     common.write_json(common.results_path("prefix_probe.json"), out)
+    plot(json.loads(json.dumps(out)), common.img_path("prefix_probe.png"))
+
+
+def plot(results: dict, png: str) -> None:
+    """Success rate of the continuations and the relative gain against the prefix length, for
+    both continuers (results as written to prefix_probe.json)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted(int(t) for t in results["lengths"])
+    rows = [results["lengths"][str(t)] for t in lengths]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for who, marker in (("student", "o"), ("teacher", "s")):
+        for name, style in (("trb", "-"), ("vanilla", "--")):
+            axes[0].plot(lengths, [r[f"{name}/{who}"] for r in rows], marker=marker,
+                         linestyle=style, label=f"{name} prefix -> {who}")
+        axes[1].plot(lengths, [r[f"relative_gain/{who}"] for r in rows], marker=marker,
+                     label=f"{who} continues")
+    axes[0].set_ylabel("success of prefix + continuation")
+    axes[1].set_ylabel("relative gain of TRB prefixes")
+    axes[1].axhline(0.0, color="grey", linewidth=0.8)
+    for ax in axes:
+        ax.set_xlabel("prefix length (response tokens)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"step-0 prefix probe: eps_0 = {results['eps0']}, {results['problems']} problems "
+                 f"x {results['continuations']} continuations", fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(png), exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    print(f"plot: {png}")
 
 
 if __name__ == "__main__":

@@ -148,3 +148,14 @@ def test_prefix_rule_reports_when_both_rules_fire():
     assert verdicts.h3(probe([-0.5, -0.4, -0.3, -0.2, -0.1]))["verdict"] == (
         "both rules fire: inconclusive")
     assert verdicts.h3(probe([0.3, 0.1, 0.5, 0.2, 0.4]))["verdict"] == "inconclusive"
+
+
+def test_prefix_probe_figure_from_its_results_file(tmp_path):
+    import prefix_probe
+
+    rows = {str(t): {"trb/student": 0.1 + t / 1000, "vanilla/student": 0.1, "trb/teacher": 0.5,
+                     "vanilla/teacher": 0.4, "relative_gain/student": t / 1000,
+                     "relative_gain/teacher": 0.25} for t in (25, 43, 115)}
+    png = tmp_path / "img" / "probe.png"
+    prefix_probe.plot({"eps0": 0.1, "problems": 4, "continuations": 2, "lengths": rows}, str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
