@@ -99,12 +99,10 @@ def run(name: str, method: str, seed: int, overrides: dict[str, Any] | None = No
     # WORKDIR/.lock: that is the trainer's own lock, trb_jax.locking, which reads it as JSON.)
     os.makedirs(workdir, exist_ok=True)
     lock = os.path.join(workdir, ".claim")  # not ".lock": that is the trainer's WorkdirLock
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
+    fd = claim(lock)
+    if fd is None:
         return None
     try:
-        os.write(fd, str(os.getpid()).encode())
         start = time.perf_counter()
         trainer.train(cfg, workdir)
         print(f"[{name}] {total} updates in {time.perf_counter() - start:.0f} s", flush=True)
@@ -112,6 +110,46 @@ def run(name: str, method: str, seed: int, overrides: dict[str, Any] | None = No
         os.close(fd)
         os.remove(lock)
     return workdir
+
+
+def claim(path: str) -> int | None:
+    """Creates the claim file PATH holding this pid and returns its descriptor, or None if a
+    live process holds it. A claim left by a process that is gone (killed, or the machine's
+    session ended) is taken over, so a killed script resumes its runs instead of waiting for
+    them forever. (The scripts share one machine, so a pid is enough.)"""
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _holder_alive(path):
+                return None
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+            continue
+        os.write(fd, str(os.getpid()).encode())
+        return fd
+    return None
+
+
+def _holder_alive(path: str) -> bool:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+        age_s = time.time() - os.path.getmtime(path)
+    except FileNotFoundError:
+        return False
+    if not text.isdigit():  # empty: its creator may not have written its pid yet
+        return not text and age_s < 60
+    pid = int(text)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
 
 
 def is_finished(workdir: str, total: int) -> bool:

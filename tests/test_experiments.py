@@ -159,3 +159,29 @@ def test_prefix_probe_figure_from_its_results_file(tmp_path):
     png = tmp_path / "img" / "probe.png"
     prefix_probe.plot({"eps0": 0.1, "problems": 4, "continuations": 2, "lengths": rows}, str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_claim_left_by_a_dead_process_is_taken_over(tmp_path):
+    import subprocess
+
+    import common
+
+    path = str(tmp_path / ".claim")
+    fd = common.claim(path)
+    assert fd is not None and open(path).read() == str(os.getpid())
+    assert common.claim(path) is None  # held by a live process (this one)
+    os.close(fd)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs
+    with open(path, "w") as f:
+        f.write(str(gone.pid))
+    fd = common.claim(path)
+    assert fd is not None and open(path).read() == str(os.getpid())
+    os.close(fd)
+    with open(path, "w") as f:  # empty and fresh: its creator is writing it
+        f.write("")
+    assert common.claim(path) is None
+    os.utime(path, (0, 0))  # empty and old: abandoned
+    fd = common.claim(path)
+    assert fd is not None
+    os.close(fd)
