@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
                                 (key, "eval", "test pass@1"),
                                 ("teacher_logprob", "metrics", "teacher log-prob")],
                          common.img_path("methods_seeds.png"), smooth=10,
-                         title=f"toy world ({common.WORLD}): every method, mean +- 95% CI over {args.seeds} seeds")
+                         title=f"toy world ({common.WORLD}): {', '.join(names)}; "
+                               f"mean +- 95% CI over {args.seeds} seeds")
 
 
 if __name__ == "__main__":
