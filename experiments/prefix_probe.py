@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
             out["lengths"][t] = row
             print(t, row, flush=True)
     common.write_json(common.results_path("prefix_probe.json"), out)
+    # plot() reads the file's form (length keys as strings): draw from the round trip
     plot(json.loads(json.dumps(out)), common.img_path("prefix_probe.png"))
 
 
