@@ -124,6 +124,25 @@ def test_paired_rule_needs_the_interval_and_four_of_five(diffs, verdict):
     assert out["verdict"] == verdict
 
 
+def test_exploratory_rows_pair_every_other_method_with_vanilla_and_skip_unpaired():
+    import verdicts
+
+    final = {"base_student": {"group": "base", "seed": 0, "pass@1": 0.1}}
+    for s, (v, t, k) in enumerate([(0.70, 0.66, 0.72), (0.71, 0.72, 0.74), (0.72, 0.70, 0.75)]):
+        final[f"methods/vanilla_seed{s}"] = {"group": "vanilla", "seed": s, "pass@1": v}
+        final[f"methods/trb_seed{s}"] = {"group": "trb", "seed": s, "pass@1": t}
+        final[f"methods/skd_seed{s}"] = {"group": "skd", "seed": s, "pass@1": k}
+    final["methods/veto_seed1"] = {"group": "veto", "seed": 1, "pass@1": 0.9}  # one seed only
+    final["eps/eps0.3_seed0"] = {"group": "trb eps0=0.3", "seed": 0, "pass@1": 0.9}
+    rows = verdicts.exploratory(final)
+    assert list(rows) == ["skd final pass@1, skd - vanilla"]  # trb is H1's; veto has no pair
+    skd = rows["skd final pass@1, skd - vanilla"]
+    assert skd["diffs"] == pytest.approx([0.02, 0.03, 0.03])
+    assert (skd["positive"], skd["seeds"], skd["skd"]) == (3, [0, 1, 2], [0.72, 0.74, 0.75])
+    # H1 reads the same pairs for trb
+    assert verdicts.h1(final)["diffs"] == pytest.approx([-0.04, 0.01, -0.02])
+
+
 def test_auroc_rule_skips_undefined_levels_and_needs_the_end_points():
     import verdicts
 
