@@ -33,6 +33,20 @@ def summary(workdir: str, warmup: int) -> dict:
             "teacher_logprob_warmup": float(np.mean([r["teacher_logprob"] for r in m[:warmup]]))}
 
 
+def method_row(summaries: list[dict]) -> dict:
+    """One method's row over its seeds' `summary` dicts: final periodic pass@1 mean and 95% t
+    half-width, the mean periodic pass@1 at each evaluated update (those every seed has), and
+    the mean teacher log-prob over the warmup."""
+    finals = np.array([r["final_pass@1"] for r in summaries])
+    updates = sorted(set.intersection(*(set(r["pass@1"]) for r in summaries)), key=int)
+    return {"mean": float(finals.mean()), "ci95": float(plotting.ci95(finals[:, None])[0]),
+            "n": len(summaries),
+            "periodic_pass@1_by_update": {u: float(np.mean([r["pass@1"][u] for r in summaries]))
+                                          for u in updates},
+            "teacher_logprob_warmup": float(np.mean([r["teacher_logprob_warmup"]
+                                                     for r in summaries]))}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     common.add_world_arg(ap)
@@ -67,14 +81,13 @@ def main(argv: list[str] | None = None) -> None:
             for m in names}
     results = {f"{m}/seed{s}": summary(runs[m][s], common.toy_config(m, s).method.warmup_steps)
                for m in names for s in seeds}
-    table = {}
-    for method, ws in runs.items():
-        finals = np.array([results[f"{method}/seed{s}"]["final_pass@1"]
-                           for s in range(len(ws))])
-        table[method] = {"mean": float(finals.mean()), "ci95": float(plotting.ci95(finals[:, None])[0]),
-                         "n": len(ws)}
-        print(f"{method:12s} final pass@1 {finals.mean():.3f} +- {table[method]['ci95']:.3f} "
-              f"(n={len(ws)})", flush=True)
+    table = {method: method_row([results[f"{method}/seed{s}"] for s in seeds])
+             for method in names}
+    for method, row in table.items():
+        curve = ", ".join(f"{k}: {v:.3f}" for k, v in row["periodic_pass@1_by_update"].items())
+        print(f"{method:12s} final pass@1 {row['mean']:.3f} +- {row['ci95']:.3f} "
+              f"(n={row['n']}); mean periodic pass@1 by update {{{curve}}}; "
+              f"teacher log-prob over the warmup {row['teacher_logprob_warmup']:.3f}", flush=True)
     results["table"] = table
     common.write_json(common.results_path("methods_seeds.json"), results)
     key = common.pass_key(common.read_jsonl(os.path.join(runs[names[0]][0], "eval.jsonl"))[0])

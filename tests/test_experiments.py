@@ -1,5 +1,5 @@
-"""The reproduction scripts' summary tables (experiments/final_eval.py): means, 95% t
-intervals, and differences to vanilla paired by seed, checked against scipy."""
+"""The reproduction scripts' summary tables and rules (experiments/final_eval.py, methods_seeds.py,
+verdicts.py): means, 95% t intervals, differences to vanilla paired by seed, checked against scipy."""
 
 import os
 import sys
@@ -104,6 +104,23 @@ def test_every_script_runs_on_the_hard_world_in_its_own_folders(script, world_re
     cfg = common.toy_config("vanilla", 1)
     assert cfg.rollout.max_new_tokens == cfg.eval.max_new_tokens == 240
     assert "assets_hard" in cfg.data.source and cfg.rollout.prompt_length == 128
+
+
+def test_methods_row_averages_seeds_per_update_and_uses_the_t_interval():
+    import methods_seeds
+
+    runs = [{"pass@1": {0: 0.1, 25: 0.2, 50: 0.4}, "final_pass@1": 0.4,
+             "teacher_logprob_warmup": -0.5},
+            {"pass@1": {0: 0.2, 25: 0.3, 50: 0.6}, "final_pass@1": 0.6,
+             "teacher_logprob_warmup": -0.3},
+            {"pass@1": {0: 0.3, 50: 0.8}, "final_pass@1": 0.8,  # missed update 25
+             "teacher_logprob_warmup": -0.1}]
+    row = methods_seeds.method_row(runs)
+    assert row["periodic_pass@1_by_update"] == pytest.approx({0: 0.2, 50: 0.6})
+    assert row["mean"] == pytest.approx(0.6) and row["n"] == 3
+    assert row["teacher_logprob_warmup"] == pytest.approx(-0.3)
+    lo, hi = stats.t.interval(0.95, 2, loc=0.6, scale=stats.sem([0.4, 0.6, 0.8]))
+    assert row["ci95"] == pytest.approx((hi - lo) / 2)
 
 
 # ------------------------------------------------ the pre-registered rules (experiments/verdicts.py)
