@@ -1,5 +1,6 @@
-"""The reproduction scripts' summary tables and rules (experiments/final_eval.py, methods_seeds.py,
-verdicts.py): means, 95% t intervals, differences to vanilla paired by seed, checked against scipy."""
+"""The reproduction scripts' summary tables and rules (experiments/final_eval.py,
+methods_seeds.py, verdicts.py): means, 95% t intervals, differences to vanilla paired by seed,
+checked against scipy."""
 
 import os
 import sys
